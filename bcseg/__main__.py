@@ -1,0 +1,5 @@
+import sys
+
+from bcseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The ``bcseg-wsi`` command line: one module per subcommand, dispatched from here.
+
+Heavy packages (torch, openslide, zarr) are imported inside each subcommand so that ``--help``
+answers at once. Exit codes: 0 success, 1 internal error, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from bcseg import __version__
+
+SUBCOMMANDS = ("run", "info", "train")
+EXIT_OK, EXIT_INTERNAL_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+log = logging.getLogger("bcseg")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bcseg-wsi",
+        description="Whole-slide segmentation of breast-cancer H&E slides into tumor, stroma, "
+        "inflammatory, necrosis and other tissue.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"bcseg.cli.{name}")
+        subparser = module.add_parser(subparsers)
+        add_verbosity_options(subparser)
+        subparser.set_defaults(execute=module.execute)
+    return parser
+
+
+def add_verbosity_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    group.add_argument("-q", "--quiet", action="store_true", help="log only errors; no progress bars")
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Libraries that log at INFO by default drown ours; keep them at WARNING unless -vv.
+    for noisy in ("distributed", "numcodecs", "PIL", "zarr", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bcseg.errors import BadInputError
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        return int(args.execute(args) or EXIT_OK)
+    except BadInputError as error:
+        print(f"bcseg-wsi {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"bcseg-wsi {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("internal error in bcseg-wsi %s; please report it with the traceback above", args.command)
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""``bcseg-wsi run SLIDE``: segment one slide and write its output folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")  # the same values pipeline.inference.select_device takes
+BLEND_CHOICES = ("gaussian", "cosine", "constant")  # pipeline.stitching.BLEND_MODES
+OBJECT_TYPE_CHOICES = ("annotation", "detection")  # pipeline.run.OBJECT_TYPES
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "run",
+        help="segment one slide",
+        description="Segment one whole-slide image into tumor, stroma, inflammatory, necrosis and other "
+        "tissue. Writes OUT/<slide name>/ with GeoJSON polygons for QuPath, labels.tif, overlay.png, "
+        "tissue.png and summary.json.",
+    )
+    parser.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .mrxs, .tif, .dcm folder, .png, ...)")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs)")
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
+                        help="model checkpoint (.safetensors); default: the bundled demonstration model")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help="where the model runs; auto picks CUDA when present (default: auto)")
+    parser.add_argument("--mpp", type=float, default=None, metavar="MICRONS",
+                        help="slide resolution in microns per pixel; overrides the slide's metadata and is "
+                        "required for images without it (PNG, JPEG)")
+    parser.add_argument("--tile-size", type=int, default=None, metavar="PIXELS",
+                        help="tile size at the model's resolution (default: the model's own)")
+    parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS",
+                        help="overlap between neighbouring tiles at the model's resolution (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per model batch (default: 4)")
+    parser.add_argument("--workers", type=int, default=4, metavar="N", help="threads reading tiles (default: 4)")
+    parser.add_argument("--no-tissue-detection", action="store_true",
+                        help="send every tile to the model, background included")
+    parser.add_argument("--blend", choices=BLEND_CHOICES, default="gaussian",
+                        help="weighting of overlapping tile predictions (default: gaussian)")
+    parser.add_argument("--object-type", choices=OBJECT_TYPE_CHOICES, default="annotation",
+                        help="QuPath object type of the exported regions (default: annotation)")
+    parser.add_argument("--gzip", action="store_true", help="write <slide>.geojson.gz instead of .geojson")
+    parser.add_argument("--simplify", type=float, default=0.0, metavar="MICRONS",
+                        help="simplify polygons with this tolerance in microns (default: 0, exact pixel edges)")
+    parser.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
+                        help="drop regions smaller than this area in square microns (default: 0)")
+    parser.add_argument("--keep-tiles", action="store_true", help="keep tiles.zarr in the output folder")
+    parser.add_argument("--overwrite", action="store_true", help="redo the slide even if a complete result exists")
+    return parser
+
+
+def execute(args: argparse.Namespace) -> int:
+    from bcseg.errors import BadInputError
+    from pipeline.run import RunSettings, run_slide
+
+    for option, value, minimum in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
+                                   ("--overlap", args.overlap, 0)):
+        if value < minimum:
+            raise BadInputError(f"{option} must be at least {minimum}, got {value}")
+    if args.mpp is not None and not 0 < args.mpp:
+        raise BadInputError(f"--mpp must be a positive number of microns per pixel, got {args.mpp}")
+
+    settings = RunSettings(
+        out_dir=args.out,
+        model_path=args.model,
+        device=args.device,
+        mpp_override=args.mpp,
+        tile_size_px=args.tile_size,
+        overlap_px=args.overlap,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        tissue_detection=not args.no_tissue_detection,
+        blend_mode=args.blend,
+        object_type=args.object_type,
+        geojson_gzip=args.gzip,
+        simplify_um=args.simplify,
+        min_area_um2=args.min_area,
+        keep_tiles=args.keep_tiles,
+        overwrite=args.overwrite,
+    )
+    with StageBars(enabled=not args.quiet) as bars:
+        result = run_slide(args.slide, settings, progress=bars.update)
+
+    summary = result.summary
+    print(f"{result.slide_path}: {result.status} -> {result.output_dir}")
+    if result.status != "skipped" or summary:
+        for name, values in summary.get("classes", {}).items():
+            print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
+        if "timings_s" in summary:
+            print(f"  time: {summary['timings_s'].get('total_s', 0):.1f} s")
+    return 0
+
+
+class StageBars:
+    """One tqdm progress bar per pipeline stage, on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and sys.stderr is not None
+        self.bars = {}
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", unit="", leave=True, file=sys.stderr)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for bar in self.bars.values():
+            bar.close()
+
+

@@ -1,0 +1,373 @@
+"""One slide from file to outputs: the stages wired together, with an atomic output folder.
+
+The output folder ``<out>/<slide name>/`` is built under a temporary name beside it and renamed
+into place only when every output is written, with a ``COMPLETE`` record of the settings last.
+A crash therefore never leaves a folder that looks finished, and an earlier complete result is
+replaced only once its successor is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bcseg import __version__
+from bcseg.classes import CLASSES
+from bcseg.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+COMPLETE_NAME = "COMPLETE"
+SUMMARY_NAME = "summary.json"
+OVERLAY_MAX_PX = 2048  # longest side of overlay.png
+OBJECT_TYPES = ("annotation", "detection")
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class RunSettings:
+    """Everything that decides a slide's outputs, plus how to compute them (device, workers)."""
+
+    out_dir: Path = Path("outputs")
+    model_path: Path | None = None  # None: the bundled default model
+    device: str = "auto"
+    mpp_override: float | None = None  # slide resolution when its metadata lacks it or is wrong
+    tile_size_px: int | None = None  # None: the model's tile size
+    overlap_px: int = 64
+    batch_size: int = 4
+    workers: int = 4
+    tissue_detection: bool = True
+    blend_mode: str = "gaussian"
+    object_type: str = "annotation"
+    geojson_gzip: bool = False
+    simplify_um: float = 0.0
+    min_area_um2: float = 0.0
+    keep_tiles: bool = False
+    overwrite: bool = False
+
+    def output_affecting(self, tile_size_px: int) -> dict[str, Any]:
+        """The settings that change the outputs; equal values mean an existing result can be reused."""
+        return {
+            "mpp_override": self.mpp_override,
+            "tile_size_px": tile_size_px,
+            "overlap_px": self.overlap_px,
+            "tissue_detection": self.tissue_detection,
+            "blend_mode": self.blend_mode,
+            "object_type": self.object_type,
+            "geojson_gzip": self.geojson_gzip,
+            "simplify_um": self.simplify_um,
+            "min_area_um2": self.min_area_um2,
+            "keep_tiles": self.keep_tiles,
+        }
+
+
+@dataclass
+class RunResult:
+    slide_path: Path
+    output_dir: Path
+    status: str  # "done", "no_tissue" or "skipped"
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def slide_output_name(slide_path: Path) -> str:
+    """The output folder name for a slide: its file name without slide suffixes, made path-safe."""
+    name = slide_path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        if slide_path.suffix and not slide_path.is_dir():
+            name = slide_path.stem
+    # Path separators, control characters and a leading dot would escape or hide the folder.
+    name = re.sub(r'[\x00-\x1f/\\:*?"<>|]', "_", name).strip().lstrip(".")
+    return name or "slide"
+
+
+def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Progress | None = None) -> RunResult:
+    """Segment one slide and write its outputs under ``settings.out_dir``."""
+    from bcseg.checkpoint import load_checkpoint
+    from pipeline.inference import select_device
+    from pipeline.slide import open_slide, slide_fingerprint
+
+    slide_path = Path(slide_path)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    # Checks first: slide, model, settings, output folder.
+    slide = open_slide(slide_path, mpp=settings.mpp_override)
+    device = select_device(settings.device)
+    loaded = load_checkpoint(settings.model_path, device=device)
+    tile_size_px = settings.tile_size_px or loaded.info.tile_size_px
+    if settings.object_type not in OBJECT_TYPES:
+        raise BadInputError(f"--object-type {settings.object_type!r} is not one of {', '.join(OBJECT_TYPES)}")
+    fingerprint = slide_fingerprint(slide_path)
+    record = {
+        "settings": settings.output_affecting(tile_size_px),
+        "slide_fingerprint": fingerprint,
+        "model_sha256": loaded.sha256,
+        "package_version": __version__,
+    }
+    record_key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    output_dir = Path(settings.out_dir) / slide_output_name(slide_path)
+
+    existing = _read_complete_record(output_dir)
+    if existing is not None and existing.get("key") == record_key and not settings.overwrite:
+        log.info("%s: complete result with the same settings exists in %s; skipped", slide_path, output_dir)
+        slide.close()
+        return RunResult(slide_path, output_dir, "skipped", _read_summary(output_dir))
+    if output_dir.exists() and not settings.overwrite:
+        slide.close()
+        raise BadInputError(
+            f"{output_dir} already exists with other settings, another model or another slide; "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+
+    work_dir = _make_work_dir(output_dir)
+    try:
+        with slide:
+            summary = _run_stages(
+                slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress
+            )
+        timings["total_s"] = time.perf_counter() - started
+        summary["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
+        _write_json(work_dir / SUMMARY_NAME, summary)
+        _write_json(
+            work_dir / COMPLETE_NAME,
+            {**record, "key": record_key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        )
+        _move_into_place(work_dir, output_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    log.info("%s: outputs in %s (%.1f s)", slide_path, output_dir, timings["total_s"])
+    return RunResult(slide_path, output_dir, summary["status"], summary)
+
+
+def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress) -> dict:
+    from pipeline.export.geojson import write_geojson
+    from pipeline.export.label_tiff import write_label_tiff
+    from pipeline.export.overlay import downsample_labels, write_overlay
+    from pipeline.inference import Predictor, predict_tiles
+    from pipeline.stitching import Merger
+    from pipeline.tiling import TileGrid, select_tissue_tiles, write_tiles
+    from pipeline.tissue import detect_tissue, write_tissue_png
+
+    def stage_progress(stage):
+        return (lambda done, total: progress(stage, done, total)) if progress else None
+
+    mpp = loaded.info.mpp
+    m_width, m_height = slide.size_at_mpp(mpp)
+    name = slide_output_name(slide_path)
+
+    # Tissue detection on a low-resolution view.
+    clock = time.perf_counter()
+    tissue = None
+    if settings.tissue_detection:
+        tissue = detect_tissue(slide)
+        write_tissue_png(tissue, work_dir / "tissue.png")
+    timings["tissue_s"] = time.perf_counter() - clock
+
+    # Tiling: the overlapping grid, only tiles that touch tissue.
+    clock = time.perf_counter()
+    grid = TileGrid(m_width, m_height, tile_size_px, settings.overlap_px)
+    m_origins = select_tissue_tiles(grid, tissue, mpp)
+    log.info("%s: %d of %d tiles touch tissue", slide_path, len(m_origins), len(grid.m_origins()))
+    tile_store = None
+    if len(m_origins):
+        tile_store = write_tiles(
+            slide, grid, m_origins, mpp, work_dir / "tiles.zarr", workers=settings.workers,
+            metadata={"slide_fingerprint": fingerprint},
+            progress=stage_progress("read tiles"),
+        )
+    timings["tiling_s"] = time.perf_counter() - clock
+
+    # Inference and blending into the slide-level store.
+    clock = time.perf_counter()
+    merger = Merger(
+        work_dir / "prediction.zarr", m_width, m_height, loaded.info.num_classes, tile_size_px,
+        blend_mode=settings.blend_mode, attrs={"mpp": mpp, "l0_per_px": mpp / slide.mpp},
+    )
+    if tile_store is not None:
+        predictor = Predictor(loaded, device)
+        predict_tiles(tile_store, predictor, merger.add, settings.batch_size, stage_progress("infer"))
+    timings["inference_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    probabilities, labels = merger.finalize(tissue, mpp, progress=stage_progress("blend"))
+    timings["stitching_s"] = time.perf_counter() - clock
+
+    # Export: polygons, label image, overlay, areas.
+    clock = time.perf_counter()
+    geojson_name = f"{name}.geojson" + (".gz" if settings.geojson_gzip else "")
+    geojson_stats = write_geojson(
+        work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
+        object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
+    )
+    write_label_tiff(work_dir / "labels.tif", labels, mpp)
+    overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
+    thumb_width, thumb_height = slide.size_at_mpp(overlay_mpp)
+    thumbnail = slide.read_region_at_mpp(0, 0, thumb_width, thumb_height, overlay_mpp)
+    write_overlay(work_dir / "overlay.png", thumbnail, downsample_labels(labels, thumb_width, thumb_height))
+    areas = class_areas(labels, mpp)
+    timings["export_s"] = time.perf_counter() - clock
+
+    if tile_store is not None and not settings.keep_tiles:
+        shutil.rmtree(work_dir / "tiles.zarr")
+
+    status = "done" if len(m_origins) and areas["tissue_um2"] > 0 else "no_tissue"
+    return {
+        "status": status,
+        "slide": {
+            "path": str(slide_path),
+            "fingerprint": fingerprint,
+            "backend": slide.backend,
+            "vendor": slide.vendor,
+            "dimensions_px": list(slide.dimensions),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "level_count": slide.level_count,
+        },
+        "model": {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            "weights_encoding": loaded.weights_encoding,
+            "mpp": mpp,
+            "provenance": loaded.info.provenance,
+        },
+        "settings": {**asdict(settings), "out_dir": str(settings.out_dir), "model_path": str(loaded.path),
+                     "tile_size_px": tile_size_px, "device_used": str(device)},
+        "label_map": {"width_px": m_width, "height_px": m_height, "mpp": mpp, "l0_per_px": mpp / slide.mpp},
+        "tiles": {"total": int(len(grid.m_origins())), "with_tissue": int(len(m_origins))},
+        "classes": areas["classes"],
+        "tissue_area_um2": areas["tissue_um2"],
+        "geojson": {"file": geojson_name, **_jsonable(geojson_stats)},
+        "outputs": sorted([geojson_name, "labels.tif", "overlay.png", SUMMARY_NAME, "prediction.zarr"]
+                          + (["tissue.png"] if settings.tissue_detection else [])
+                          + (["tiles.zarr"] if settings.keep_tiles and tile_store is not None else [])),
+        "versions": _versions(),
+    }
+
+
+def class_areas(labels, mpp: float, band_rows: int = 2048) -> dict[str, Any]:
+    """Area in square microns and fraction of tissue per class, counted band by band."""
+    counts = np.zeros(256, dtype=np.int64)
+    for row in range(0, labels.shape[0], band_rows):
+        counts += np.bincount(np.asarray(labels[row : row + band_rows]).ravel(), minlength=256)
+    pixel_um2 = mpp * mpp
+    tissue_pixels = int(sum(counts[c.label] for c in CLASSES))
+    classes = {
+        c.name: {
+            "qupath_name": c.qupath_name,
+            "area_um2": round(float(counts[c.label] * pixel_um2), 2),
+            "fraction_of_tissue": round(float(counts[c.label] / tissue_pixels), 6) if tissue_pixels else 0.0,
+        }
+        for c in CLASSES
+    }
+    return {"classes": classes, "tissue_um2": round(tissue_pixels * pixel_um2, 2)}
+
+
+def _make_work_dir(output_dir: Path) -> Path:
+    parent = output_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work_dirs(output_dir)
+        work_dir = parent / f".{output_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        work_dir.mkdir()
+    except PermissionError as error:
+        raise BadInputError(f"{parent}: output folder is not writable; choose another --out") from error
+    return work_dir
+
+
+def _remove_stale_work_dirs(output_dir: Path) -> None:
+    """Remove temporary folders of this slide left by runs whose process no longer exists."""
+    for candidate in output_dir.parent.glob(f".{glob_escape(output_dir.name)}.partial-*"):
+        match = re.search(r"\.partial-(\d+)-", candidate.name)
+        if match and not _process_alive(int(match.group(1))):
+            log.info("removing %s left by an interrupted run", candidate)
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(work_dir: Path, output_dir: Path) -> None:
+    """Rename the finished folder into place; an older result is removed only after that."""
+    if output_dir.exists():
+        retired = output_dir.parent / f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(output_dir, retired)
+        os.replace(work_dir, output_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(work_dir, output_dir)
+
+
+def _read_complete_record(output_dir: Path) -> dict | None:
+    try:
+        return json.loads((output_dir / COMPLETE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_summary(output_dir: Path) -> dict:
+    try:
+        return json.loads((output_dir / SUMMARY_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"bcseg-wsi": __version__, "python": platform.python_version()}
+    for package in ("torch", "torchvision", "openslide-python", "openslide-bin", "tifffile", "zarr", "shapely", "rasterio"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions

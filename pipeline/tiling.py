@@ -1,0 +1,157 @@
+"""The tiler: an overlapping grid at model resolution and a zarr store of the tissue tiles.
+
+A tile is ``tile_size_px`` square at the model's mpp. Tiles start every ``stride_px =
+tile_size_px - overlap_px`` pixels from (0, 0); the last row and column may reach past the slide,
+where the reader returns white (the padding), and the stitcher crops them to the slide.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from bcseg import __version__
+from bcseg.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile positions over a slide of ``m_width`` x ``m_height`` pixels at model resolution."""
+
+    m_width: int
+    m_height: int
+    tile_size_px: int
+    overlap_px: int
+
+    def __post_init__(self):
+        if self.tile_size_px < 16:
+            raise BadInputError(f"--tile-size {self.tile_size_px} is too small; use at least 16 pixels")
+        if not 0 <= self.overlap_px < self.tile_size_px // 2 + 1:
+            raise BadInputError(
+                f"--overlap {self.overlap_px} must be between 0 and half the tile size "
+                f"({self.tile_size_px // 2} for --tile-size {self.tile_size_px})"
+            )
+
+    @property
+    def stride_px(self) -> int:
+        return self.tile_size_px - self.overlap_px
+
+    @property
+    def t_shape(self) -> tuple[int, int]:
+        """Number of tile (rows, cols)."""
+        return _tile_count(self.m_height, self.tile_size_px, self.stride_px), _tile_count(
+            self.m_width, self.tile_size_px, self.stride_px
+        )
+
+    def m_origins(self) -> np.ndarray:
+        """All tile origins as an (n, 2) int64 array of (m_x, m_y), in row-major order."""
+        t_rows, t_cols = self.t_shape
+        m_ys, m_xs = np.meshgrid(
+            np.arange(t_rows) * self.stride_px, np.arange(t_cols) * self.stride_px, indexing="ij"
+        )
+        return np.stack([m_xs.ravel(), m_ys.ravel()], axis=1).astype(np.int64)
+
+
+def _tile_count(m_length: int, tile_size_px: int, stride_px: int) -> int:
+    if m_length <= tile_size_px:
+        return 1
+    return math.ceil((m_length - tile_size_px) / stride_px) + 1
+
+
+def select_tissue_tiles(grid: TileGrid, tissue, mpp: float) -> np.ndarray:
+    """Origins (m_x, m_y) of the tiles that touch tissue; all tiles when ``tissue`` is None."""
+    m_origins = grid.m_origins()
+    if tissue is None:
+        return m_origins
+    keep = [
+        tissue.covers(int(m_x), int(m_y), grid.tile_size_px, grid.tile_size_px, mpp)
+        for m_x, m_y in m_origins
+    ]
+    return m_origins[np.asarray(keep, dtype=bool)] if len(m_origins) else m_origins
+
+
+def write_tiles(
+    slide,
+    grid: TileGrid,
+    m_origins: np.ndarray,
+    mpp: float,
+    store_path: str | os.PathLike,
+    workers: int = 4,
+    metadata: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+) -> TileStore:
+    """Read the tiles at ``m_origins`` from ``slide`` at ``mpp`` into a new zarr store.
+
+    Tiles are read by ``workers`` threads (openslide and tifffile release the GIL while decoding)
+    and each is written as its own compressed chunk.
+    """
+    tile = grid.tile_size_px
+    root = zarr.open_group(str(store_path), mode="w")
+    tiles = root.create_array(
+        "tiles", shape=(len(m_origins), tile, tile, 3), chunks=(1, tile, tile, 3), dtype="uint8"
+    )
+    root.create_array("m_origins", data=np.asarray(m_origins, dtype=np.int64).reshape(-1, 2))
+    l0_per_px = mpp / slide.mpp
+    level = slide.best_level_for_downsample(l0_per_px)
+    root.attrs.update(
+        {
+            "slide_path": str(slide.path),
+            "slide_mpp": slide.mpp,
+            "mpp": mpp,
+            "level": level,
+            "level_downsample": slide.level_downsamples[level],
+            "l0_per_px": l0_per_px,
+            "m_width": grid.m_width,
+            "m_height": grid.m_height,
+            "tile_size_px": tile,
+            "overlap_px": grid.overlap_px,
+            "origin_frame": "(m_x, m_y): pixels at mpp; level-0 position = m * l0_per_px",
+            "package_version": __version__,
+            **(metadata or {}),
+        }
+    )
+
+    def read_one(index: int) -> int:
+        m_x, m_y = (int(value) for value in m_origins[index])
+        tiles[index] = slide.read_region_at_mpp(m_x, m_y, tile, tile, mpp)
+        return index
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for _ in pool.map(read_one, range(len(m_origins))):
+            done += 1
+            if progress is not None:
+                progress(done, len(m_origins))
+    log.info("wrote %d tiles of %d px to %s", len(m_origins), tile, store_path)
+    return TileStore(store_path)
+
+
+class TileStore:
+    """Read access to a tile store written by ``write_tiles``."""
+
+    def __init__(self, store_path: str | os.PathLike):
+        self.path = Path(store_path)
+        self._root = zarr.open_group(str(store_path), mode="r")
+        self.tiles = self._root["tiles"]
+        self.m_origins = np.asarray(self._root["m_origins"][:]).reshape(-1, 2)
+        self.attrs = dict(self._root.attrs)
+
+    def __len__(self) -> int:
+        return self.tiles.shape[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tiles ``start..stop-1`` as uint8 (n, rows, cols, 3)."""
+        return np.asarray(self.tiles[start:stop])
