@@ -106,8 +106,9 @@ class Slide(ABC):
 def composite_on_white(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:
     """Composite RGBA uint8 pixels (rows, cols, 4) on a white background; returns RGB uint8.
 
-    ``premultiplied`` tells whether colour values are already multiplied by alpha (TIFF
-    "associated alpha") or not (openslide-python's and PIL's RGBA, TIFF "unassociated alpha").
+    ``premultiplied`` is True when colour values are already multiplied by alpha (TIFF
+    "associated alpha") and False when not (openslide-python's and PIL's RGBA, TIFF
+    "unassociated alpha").
     """
     rgb = rgba[..., :3]
     alpha = rgba[..., 3:4]
