@@ -28,13 +28,13 @@ import numpy as np
 from bcseg import __version__
 from bcseg.classes import CLASSES
 from bcseg.errors import BadInputError
+from pipeline.export.geojson import OBJECT_TYPES
 
 log = logging.getLogger(__name__)
 
 COMPLETE_NAME = "COMPLETE"
 SUMMARY_NAME = "summary.json"
 OVERLAY_MAX_PX = 2048  # longest side of overlay.png
-OBJECT_TYPES = ("annotation", "detection")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -217,6 +217,7 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
     geojson_stats = write_geojson(
         work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
         object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
+        l0_image_size=slide.dimensions,
     )
     write_label_tiff(work_dir / "labels.tif", labels, mpp)
     overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
@@ -255,7 +256,8 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
         "tiles": {"total": int(len(grid.m_origins())), "with_tissue": int(len(m_origins))},
         "classes": areas["classes"],
         "tissue_area_um2": areas["tissue_um2"],
-        "geojson": {"file": geojson_name, **_jsonable(geojson_stats)},
+        "geojson": {**_jsonable({k: v for k, v in geojson_stats.items() if k != "path"}), "file": geojson_name},
+        "tissue_mask": {"file": "tissue.png", "mpp": tissue.mpp} if tissue is not None else None,
         "outputs": sorted([geojson_name, "labels.tif", "overlay.png", SUMMARY_NAME, "prediction.zarr"]
                           + (["tissue.png"] if settings.tissue_detection else [])
                           + (["tiles.zarr"] if settings.keep_tiles and tile_store is not None else [])),
@@ -290,6 +292,10 @@ def _make_work_dir(output_dir: Path) -> Path:
         work_dir.mkdir()
     except PermissionError as error:
         raise BadInputError(f"{parent}: output folder is not writable; choose another --out") from error
+    except OSError as error:
+        raise BadInputError(
+            f"{parent}: cannot create the output folder there ({error.strerror}); choose another --out"
+        ) from error
     return work_dir
 
 

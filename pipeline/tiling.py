@@ -126,7 +126,18 @@ def write_tiles(
 
     def read_one(index: int) -> int:
         m_x, m_y = (int(value) for value in m_origins[index])
-        tiles[index] = slide.read_region_at_mpp(m_x, m_y, tile, tile, mpp)
+        try:
+            pixels = slide.read_region_at_mpp(m_x, m_y, tile, tile, mpp)
+        except (BadInputError, MemoryError):
+            raise
+        except Exception as error:  # decoder errors differ per backend and codec
+            l0_x, l0_y = round(m_x * l0_per_px), round(m_y * l0_per_px)
+            raise BadInputError(
+                f"{slide.path}: failed to read the tile at level-0 (x={l0_x}, y={l0_y}), "
+                f"{round(tile * l0_per_px)} px square: {error}. The file is probably corrupt there; "
+                "re-export or re-scan the slide"
+            ) from error
+        tiles[index] = pixels
         return index
 
     done = 0

@@ -107,9 +107,13 @@ class StageBars:
         bar = self.bars.get(stage)
         if bar is None:
             bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", unit="", leave=True, file=sys.stderr)
+        if bar.disable:  # closed once its stage finished
+            return
         bar.total = total
         bar.n = done
         bar.refresh()
+        if done >= total:
+            bar.close()
 
     def __enter__(self):
         return self
