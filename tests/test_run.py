@@ -163,3 +163,21 @@ def test_unwritable_output_folder_exits_2(tmp_path):
     locked.mkdir(mode=0o500)
 
     assert main(["run", str(SAMPLE_SLIDE), "--out", str(locked / "sub"), "-q"]) == 2
+
+
+def test_blank_slide_is_no_tissue(tmp_path, capsys):
+    from PIL import Image
+
+    blank = tmp_path / "blank slide.png"
+    Image.fromarray(np.full((300, 400, 3), 250, dtype=np.uint8)).save(blank)
+
+    exit_code = main(["run", str(blank), "--mpp", "1.0", "--out", str(tmp_path / "out"), "-q"])
+
+    output_dir = tmp_path / "out" / "blank slide"
+    assert exit_code == 0
+    assert "no_tissue" in capsys.readouterr().out
+    assert read_geojson(output_dir / "blank slide.geojson") == {"type": "FeatureCollection", "features": []}
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["status"] == "no_tissue"
+    assert summary["tiles"]["with_tissue"] == 0
+    assert (output_dir / COMPLETE_NAME).exists()
