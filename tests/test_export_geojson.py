@@ -22,6 +22,7 @@ from shapely.geometry import shape
 
 from bcseg.classes import CLASSES, IGNORE_INDEX, code_lookup_table
 from pipeline.export.geojson import write_geojson
+from tests.arrays import RecordingArray
 from tests.qupath_rules import check_feature_collection, load_feature_collection
 
 LABEL_BY_QUPATH_NAME = {tissue_class.qupath_name: tissue_class.label for tissue_class in CLASSES}
@@ -94,21 +95,6 @@ def blob_labels(seed: int, rows: int = 120, cols: int = 90) -> np.ndarray:
     noise = rng.random(labels.shape) < 0.05
     labels[noise] = rng.integers(0, len(CLASSES) + 1, noise.sum())
     return labels
-
-
-class RecordingArray:
-    """A numpy array behind ``__getitem__`` only, recording the shape of every block read."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.read_shapes: list[tuple[int, ...]] = []
-
-    def __getitem__(self, key):
-        block = self.array[key]
-        self.read_shapes.append(block.shape)
-        return block
 
 
 # ---------------------------------------------------------------------------------------------

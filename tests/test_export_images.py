@@ -12,23 +12,9 @@ from PIL import Image
 from bcseg.classes import CLASSES, IGNORE_INDEX, code_lookup_table
 from pipeline.export.label_tiff import level_shapes, palette_colormap, write_label_tiff
 from pipeline.export.overlay import blend_labels, downsample_labels, draw_legend, write_overlay
+from tests.arrays import RecordingArray
 
 REAL_MASK = "TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500.png"  # 2467 x 3394, codes 1 2 3 4 9
-
-
-class RecordingArray:
-    """A numpy array behind ``__getitem__`` only, recording the shape of every block read."""
-
-    def __init__(self, array: np.ndarray):
-        self.array = array
-        self.shape = array.shape
-        self.dtype = array.dtype
-        self.read_shapes: list[tuple[int, ...]] = []
-
-    def __getitem__(self, key):
-        block = self.array[key]
-        self.read_shapes.append(block.shape)
-        return block
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,26 @@ class Slide(ABC):
         white and the area outside the level is white.
         """
 
+    def _white_canvas_and_inside(
+        self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int
+    ) -> tuple[np.ndarray, tuple[int, int, int, int] | None]:
+        """Check a request for level pixels; return a white canvas of its size and the part inside.
+
+        The part is (lv_x0, lv_y0, lv_x1, lv_y1) in level pixels, or None when the request lies
+        wholly outside the level.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} does not exist; {self.path} has levels 0 to {self.level_count - 1}")
+        if lv_width <= 0 or lv_height <= 0:
+            raise ValueError(f"region size must be positive, got {lv_width} x {lv_height}")
+        canvas = np.full((lv_height, lv_width, 3), 255, dtype=np.uint8)
+        level_width, level_height = self.level_dimensions[level]
+        lv_x0, lv_y0 = max(lv_x, 0), max(lv_y, 0)
+        lv_x1, lv_y1 = min(lv_x + lv_width, level_width), min(lv_y + lv_height, level_height)
+        if lv_x0 >= lv_x1 or lv_y0 >= lv_y1:
+            return canvas, None
+        return canvas, (lv_x0, lv_y0, lv_x1, lv_y1)
+
     def close(self) -> None:
         """Release file handles; the default has none."""
 

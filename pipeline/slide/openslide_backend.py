@@ -52,20 +52,13 @@ class OpenSlideBackend(Slide):
             raise
 
     def read_level_region(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> np.ndarray:
-        if not 0 <= level < self.level_count:
-            raise ValueError(f"level {level} does not exist; {self.path} has levels 0 to {self.level_count - 1}")
-        if lv_width <= 0 or lv_height <= 0:
-            raise ValueError(f"region size must be positive, got {lv_width} x {lv_height}")
-
         # Only the part inside the level is read; the rest stays white. This also keeps negative
         # locations away from openslide, which shifts them by one pixel on levels whose
         # downsample is not an integer (seen with openslide 4.0.1).
-        region = np.full((lv_height, lv_width, 3), 255, dtype=np.uint8)
-        level_width, level_height = self.level_dimensions[level]
-        lv_x0, lv_y0 = max(lv_x, 0), max(lv_y, 0)
-        lv_x1, lv_y1 = min(lv_x + lv_width, level_width), min(lv_y + lv_height, level_height)
-        if lv_x0 >= lv_x1 or lv_y0 >= lv_y1:
+        region, inside = self._white_canvas_and_inside(level, lv_x, lv_y, lv_width, lv_height)
+        if inside is None:
             return region
+        lv_x0, lv_y0, lv_x1, lv_y1 = inside
 
         if float(self.level_downsamples[level]).is_integer():
             blocks = [(lv_x0, lv_y0, lv_x1, lv_y1)]
