@@ -111,11 +111,13 @@ def test_a0d2_tumour_polygons_match_real_mask(shared_data, tmp_path):
     truth = np.isin(codes, (1, 19, 20))
     overlap = (predicted.astype(bool) & truth & annotated).sum()
     dice = 2 * overlap / ((predicted.astype(bool) & annotated).sum() + (truth & annotated).sum())
-    # Threshold set from the bundled model's measured agreement on this region (see its card).
     assert dice >= MIN_A0D2_TUMOUR_DICE, f"tumour Dice on A0D2 {dice:.3f}"
 
 
-MIN_A0D2_TUMOUR_DICE = 0.5
+# The bundled model scored 0.863 here. A0D2 is one of its two training regions, so this checks that
+# polygons land where the tumour is (a shift or a wrong scale drops it far below), not how well
+# the model generalises.
+MIN_A0D2_TUMOUR_DICE = 0.75
 
 
 def test_output_name_is_safe():
