@@ -138,6 +138,7 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
             "pass --overwrite to replace it, or choose another --out"
         )
 
+    created_out_dir = not Path(settings.out_dir).exists()
     work_dir = _make_work_dir(output_dir)
     try:
         with slide:
@@ -154,6 +155,8 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
         _move_into_place(work_dir, output_dir)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
+        if created_out_dir:
+            _remove_if_empty(Path(settings.out_dir))
         raise
     log.info("%s: outputs in %s (%.1f s)", slide_path, output_dir, timings["total_s"])
     return RunResult(slide_path, output_dir, summary["status"], summary)
@@ -306,6 +309,13 @@ def _remove_stale_work_dirs(output_dir: Path) -> None:
         if match and not _process_alive(int(match.group(1))):
             log.info("removing %s left by an interrupted run", candidate)
             shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or already gone
+        pass
 
 
 def glob_escape(text: str) -> str:

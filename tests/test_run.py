@@ -183,3 +183,47 @@ def test_blank_slide_is_no_tissue(tmp_path, capsys):
     assert summary["status"] == "no_tissue"
     assert summary["tiles"]["with_tissue"] == 0
     assert (output_dir / COMPLETE_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        pytest.param("--min-area", "-5", id="negative-min-area"),
+        pytest.param("--simplify", "-1", id="negative-simplify"),
+        pytest.param("--tile-size", "0", id="zero-tile-size"),
+        pytest.param("--overlap", "600", id="overlap-past-half-tile"),
+    ],
+)
+def test_invalid_option_exits_2_before_work(option, value, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+
+    exit_code = main(["run", str(SAMPLE_SLIDE), "--out", str(out_dir), option, value, "-q"])
+
+    assert exit_code == 2
+    assert option in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_removes_unfinished_output(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out_dir = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bcseg", "run", str(SAMPLE_SLIDE), "--out", str(out_dir), "-q"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    # Wait until the run has started writing its temporary folder, then terminate it.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out_dir.exists() and any(out_dir.iterdir())):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 143
+    assert "terminated" in stderr
+    leftovers = list(out_dir.iterdir()) if out_dir.exists() else []
+    assert leftovers == []

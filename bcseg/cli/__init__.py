@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from bcseg import __version__
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
+    previous_handler = _raise_on_sigterm()
     try:
         return int(args.execute(args) or EXIT_OK)
     except BadInputError as error:
@@ -62,9 +64,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bcseg-wsi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"bcseg-wsi {args.command}: terminated (SIGTERM); unfinished outputs removed", file=sys.stderr)
+        return 143
     except Exception:
-        log.exception("internal error in bcseg-wsi %s; please report it with the traceback above", args.command)
+        log.exception("internal error in bcseg-wsi %s; please report it with the traceback below", args.command)
         return EXIT_INTERNAL_ERROR
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that cleanup code runs as on Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` blocks do not swallow it.
+    """
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM (sent by batch schedulers at time limits) into Terminated; return the old handler."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread, e.g. when called from a worker
+        return None
 
 
 if __name__ == "__main__":

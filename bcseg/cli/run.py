@@ -60,6 +60,11 @@ def execute(args: argparse.Namespace) -> int:
             raise BadInputError(f"{option} must be at least {minimum}, got {value}")
     if args.mpp is not None and not 0 < args.mpp:
         raise BadInputError(f"--mpp must be a positive number of microns per pixel, got {args.mpp}")
+    if args.tile_size is not None and args.tile_size < 16:
+        raise BadInputError(f"--tile-size must be at least 16 pixels, got {args.tile_size}")
+    for option, value in (("--simplify", args.simplify), ("--min-area", args.min_area)):
+        if not value >= 0:
+            raise BadInputError(f"{option} must be 0 or more, got {value}")
 
     settings = RunSettings(
         out_dir=args.out,
@@ -83,12 +88,14 @@ def execute(args: argparse.Namespace) -> int:
         result = run_slide(args.slide, settings, progress=bars.update)
 
     summary = result.summary
+    if result.status == "skipped":
+        print(f"{result.slide_path}: skipped, a complete result with the same settings is in {result.output_dir}")
+        return 0
     print(f"{result.slide_path}: {result.status} -> {result.output_dir}")
-    if result.status != "skipped" or summary:
-        for name, values in summary.get("classes", {}).items():
-            print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
-        if "timings_s" in summary:
-            print(f"  time: {summary['timings_s'].get('total_s', 0):.1f} s")
+    for name, values in summary.get("classes", {}).items():
+        print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
+    if "timings_s" in summary:
+        print(f"  time: {summary['timings_s'].get('total_s', 0):.1f} s")
     return 0
 
 
