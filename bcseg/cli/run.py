@@ -113,7 +113,8 @@ class StageBars:
 
         bar = self.bars.get(stage)
         if bar is None:
-            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", unit="", leave=True, file=sys.stderr)
+            unit = "chunk" if stage == "blend" else "tile"
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:<10}", unit=unit, leave=True, file=sys.stderr)
         if bar.disable:  # closed once its stage finished
             return
         bar.total = total

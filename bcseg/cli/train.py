@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from bcseg.errors import BadInputError
 
-log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Train DeepLabV3-ResNet50 on folders holding images/ and masks/ with matching file names (masks
@@ -24,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("train", help="train a model on labelled regions", description=DESCRIPTION)
     parser.add_argument("data_dirs", nargs="+", type=Path, metavar="DATA_DIR", help="folder with images/ and masks/")
     parser.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="folder for checkpoints and metrics")
-    parser.add_argument("--mpp", type=float, default=1.0, metavar="MICRONS", help="model resolution in microns per pixel (default 1.0)")
+    parser.add_argument("--mpp", type=float, default=0.5, metavar="MICRONS",
+                        help="model resolution in microns per pixel (default 0.5, as the bundled model)")
     parser.add_argument("--data-mpp", type=float, metavar="MICRONS",
                         help="resolution of data files whose names lack an '_MPP-<microns>' part")
     parser.add_argument("--tile-size", type=int, default=256, metavar="PX", help="training patch side at model resolution (default 256)")
@@ -84,8 +83,8 @@ def execute(args: argparse.Namespace) -> int:
 
         result = train(config, progress)
     score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
-    log.warning("trained %d steps (%.2f s/step); best tumour Dice %s; %s",
-                result.steps_done, result.seconds_per_step, score, result.best_path)
+    print(f"trained {result.steps_done} steps ({result.seconds_per_step:.2f} s/step); "
+          f"best tumour Dice {score}; {result.best_path}")
     return 0
 
 
