@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "bcseg"
 SCALE_SUFFIX = ".__scale__"
 # Measured on a DeepLabV3-ResNet50 trained here: int8 in every convolution changed 1.9% of the
-# labels of a 512x512 slide region; keeping tensors up to this size float changed 0.3%.
+# labels of a 512x512 slide region. Keeping tensors up to this size float changed 0.3%.
 FLOAT_MAX_ELEMENTS = 65_536
 DEFAULT_MODEL_PATH = Path(__file__).parent / "models" / "default.safetensors"
 

@@ -4,6 +4,6 @@
 class BadInputError(Exception):
     """An input the user can fix: a slide, an option or a checkpoint.
 
-    The message names the file or option, says what is wrong and what to do. The command line
+    The message names the file or option, what is wrong and what to do. The command line
     prints it without a traceback and exits with code 2.
     """

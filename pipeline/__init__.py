@@ -1,1 +1,1 @@
-"""What happens to one slide: read, find tissue, tile, infer, stitch, export."""
+"""Stages applied to one slide: read, find tissue, tile, infer, stitch, export."""

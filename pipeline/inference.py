@@ -1,8 +1,8 @@
 """The batch inferencer: runs the model over the tiles of a tile store.
 
-Batches are read from the zarr store by a background thread into a bounded queue, so reading
-overlaps the model; predictions (softmax probabilities) go to a callback, normally the
-stitcher's ``Merger.add``. On CUDA the model runs under autocast in channels_last layout; on the
+A background thread reads batches from the zarr store into a bounded queue, so reading overlaps
+the model. Predictions (softmax probabilities) go to a callback, normally the stitcher's
+``Merger.add``. On CUDA the model runs under autocast in channels_last layout; on the
 CPU torch uses every core this process may run on.
 """
 
@@ -68,6 +68,8 @@ class Predictor:
         images = images.permute(0, 3, 1, 2).float().div_(255.0)
         images = (images - self.mean) / self.std
         if self.device.type == "cuda":
+            # NOTE: this CUDA path (autocast, channels_last) has not yet run on a GPU; only the
+            # CPU path is covered by the tests.
             images = images.contiguous(memory_format=torch.channels_last)
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             with torch.autocast("cuda", dtype=dtype):

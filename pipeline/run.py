@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_NAME = "COMPLETE"
 SUMMARY_NAME = "summary.json"
-OVERLAY_MAX_PX = 2048  # longest side of overlay.png
+OVERLAY_MAX_PX = 2048  # maximum length of the longer side of overlay.png
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -61,7 +61,7 @@ class RunSettings:
     overwrite: bool = False
 
     def output_affecting(self, tile_size_px: int) -> dict[str, Any]:
-        """The settings that change the outputs; equal values mean an existing result can be reused."""
+        """Return the settings that change the outputs, so equal values let a result be reused."""
         return {
             "mpp_override": self.mpp_override,
             "tile_size_px": tile_size_px,
@@ -85,7 +85,7 @@ class RunResult:
 
 
 def slide_output_name(slide_path: Path) -> str:
-    """The output folder name for a slide: its file name without slide suffixes, made path-safe."""
+    """Derive a slide's output folder name: its file name without slide suffixes, made path-safe."""
     name = slide_path.name
     for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if name.lower().endswith(suffix):

@@ -1,8 +1,8 @@
 """The stitcher: blends overlapping tile predictions into slide-level maps on disk.
 
 Each tile's class probabilities are multiplied by a weight that falls off toward the tile's
-borders and added to a slide-level ``weighted_sum`` (classes, rows, cols); the weights go to
-``weight_sum`` (rows, cols). Both live in a zarr store at model resolution, so the slide is never
+borders and added to a slide-level ``weighted_sum`` (classes, rows, cols). The weights themselves
+are added to ``weight_sum`` (rows, cols). Both live in a zarr store at model resolution, so the slide is never
 held in memory. ``finalize`` then walks the store chunk by chunk, divides, and writes
 ``probabilities`` (float16) and ``labels`` (uint8: 0 background, 1..5 the classes).
 """
@@ -29,7 +29,7 @@ MIN_RELATIVE_WEIGHT = 1e-3
 
 
 def blend_weights(tile_size_px: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
-    """A (tile_size_px, tile_size_px) float32 weight map, 1 at the centre, falling toward the borders.
+    """Build a (tile_size_px, tile_size_px) float32 weight map, 1 at the centre, falling toward the borders.
 
     ``gaussian`` uses a standard deviation of ``sigma_scale * tile_size_px``; ``cosine`` is a
     Hann window; ``constant`` weighs every pixel equally (a plain average).
@@ -102,10 +102,11 @@ class Merger:
         keep_sums: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> tuple[zarr.Array, zarr.Array]:
-        """Write ``probabilities`` and ``labels`` chunk by chunk; return both arrays.
+        """Write ``probabilities`` and ``labels`` chunk by chunk and return both arrays.
 
-        Pixels no tile covered, and pixels outside ``tissue`` (a TissueMask, sampled at each
-        pixel's centre; ``mpp`` is the model resolution) are background (label 0, probability 0).
+        Pixels that no tile covered are background (label 0, probability 0). So are pixels
+        outside ``tissue``, a TissueMask sampled at each pixel's centre, where ``mpp`` is the
+        model resolution.
         """
         chunk = self.chunk_px
         probabilities = self.root.create_array(
@@ -141,7 +142,7 @@ class Merger:
 
 
 def tissue_mask_at(tissue, m_x: int, m_y: int, m_width: int, m_height: int, mpp: float) -> np.ndarray:
-    """The tissue mask sampled at the centres of a box of model pixels, as bool (rows, cols)."""
+    """Sample the tissue mask at the centres of a box of model pixels; return bool (rows, cols)."""
     scale = mpp / tissue.mpp
     tissue_rows = np.floor((np.arange(m_y, m_y + m_height) + 0.5) * scale).astype(np.int64)
     tissue_cols = np.floor((np.arange(m_x, m_x + m_width) + 0.5) * scale).astype(np.int64)

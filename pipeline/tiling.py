@@ -1,8 +1,8 @@
 """The tiler: an overlapping grid at model resolution and a zarr store of the tissue tiles.
 
 A tile is ``tile_size_px`` square at the model's mpp. Tiles start every ``stride_px =
-tile_size_px - overlap_px`` pixels from (0, 0); the last row and column may reach past the slide,
-where the reader returns white (the padding), and the stitcher crops them to the slide.
+tile_size_px - overlap_px`` pixels from (0, 0). The last row and column may reach past the slide,
+where the reader returns white padding, and the stitcher crops them to the slide.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TileGrid:
         )
 
     def m_origins(self) -> np.ndarray:
-        """All tile origins as an (n, 2) int64 array of (m_x, m_y), in row-major order."""
+        """Return all tile origins as an (n, 2) int64 array of (m_x, m_y), in row-major order."""
         t_rows, t_cols = self.t_shape
         m_ys, m_xs = np.meshgrid(
             np.arange(t_rows) * self.stride_px, np.arange(t_cols) * self.stride_px, indexing="ij"

@@ -1,7 +1,7 @@
 """The ``bcseg-wsi`` command line: one module per subcommand, dispatched from here.
 
 Heavy packages (torch, openslide, zarr) are imported inside each subcommand so that ``--help``
-answers at once. Exit codes: 0 success, 1 internal error, 2 bad input.
+returns at once. Exit codes: 0 success, 1 internal error, 2 bad input.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class Slide(ABC):
         return math.ceil(l0_width / l0_per_px - 1e-9), math.ceil(l0_height / l0_per_px - 1e-9)
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The coarsest level at or finer than ``downsample`` (level-0 pixels per pixel)."""
+        """Return the coarsest level at or finer than ``downsample`` (level-0 pixels per pixel)."""
         best = 0
         for level, level_downsample in enumerate(self.level_downsamples):
             if level_downsample <= downsample * (1 + LEVEL_TOLERANCE) and level_downsample >= self.level_downsamples[best]:
@@ -103,7 +103,7 @@ class Slide(ABC):
 
         ``(x, y)`` and ``(width, height)`` are in pixels at ``mpp`` (see the module docstring).
         The pixels come from the coarsest level at or finer than ``mpp``, smoothed against
-        aliasing and resampled; the result depends only on each pixel's place in the slide, so
+        aliasing and resampled. Each output pixel depends only on its place in the slide, so
         reading a region in pieces equals reading it whole. Returns RGB uint8 (height, width, 3).
         """
         if width <= 0 or height <= 0:
