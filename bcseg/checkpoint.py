@@ -57,6 +57,8 @@ class ModelInfo:
     )
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Stain normalization the model expects on its input (bcseg.stain), or None.
+    stain_normalization: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +72,7 @@ class ModelInfo:
             "mpp": self.mpp,
             "tile_size_px": self.tile_size_px,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "stain_normalization": self.stain_normalization,
             "provenance": self.provenance,
         }
 
@@ -84,6 +87,7 @@ class ModelInfo:
             bcss_groups=data["bcss_groups"],
             mean=tuple(data["normalization"]["mean"]),
             std=tuple(data["normalization"]["std"]),
+            stain_normalization=data.get("stain_normalization"),
             provenance=data.get("provenance", {}),
         )
 

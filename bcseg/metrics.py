@@ -54,6 +54,20 @@ def per_class_iou(matrix: np.ndarray) -> np.ndarray:
         return np.where(union > 0, true_positive / union, np.nan)
 
 
+def per_class_precision(matrix: np.ndarray) -> np.ndarray:
+    """Precision ``TP / (TP + FP)`` per class; NaN for a class never predicted."""
+    predicted = matrix.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(predicted > 0, np.diag(matrix) / predicted, np.nan)
+
+
+def per_class_recall(matrix: np.ndarray) -> np.ndarray:
+    """Recall ``TP / (TP + FN)`` per class; NaN for a class absent from the target."""
+    actual = matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(actual > 0, np.diag(matrix) / actual, np.nan)
+
+
 def pixel_accuracy(matrix: np.ndarray) -> float:
     """Fraction of counted pixels whose prediction equals the target; NaN when none are counted."""
     total = matrix.sum()
@@ -73,13 +87,20 @@ def binary_dice(target: np.ndarray, prediction: np.ndarray) -> float:
 
 
 def summarize(matrix: np.ndarray, class_names: list[str] | tuple[str, ...]) -> dict[str, object]:
-    """Scores of one confusion matrix as a JSON-ready dict: per-class Dice and IoU, their means over
-    classes present, and pixel accuracy."""
-    dice = per_class_dice(matrix)
-    iou = per_class_iou(matrix)
+    """Scores of one confusion matrix as a JSON-ready dict: per-class Dice, IoU, precision and
+    recall, the means of Dice and IoU over classes present, and pixel accuracy.
+
+    A matrix may have more classes than ``class_names``: the extra trailing ones (such as a
+    "not tissue" prediction that no target has) count as errors but get no scores of their own.
+    """
+    scored = len(class_names)
+    dice = per_class_dice(matrix)[:scored]
+    iou = per_class_iou(matrix)[:scored]
     return {
         "dice": {name: _none_if_nan(value) for name, value in zip(class_names, dice)},
         "iou": {name: _none_if_nan(value) for name, value in zip(class_names, iou)},
+        "precision": {name: _none_if_nan(value) for name, value in zip(class_names, per_class_precision(matrix)[:scored])},
+        "recall": {name: _none_if_nan(value) for name, value in zip(class_names, per_class_recall(matrix)[:scored])},
         "mean_dice": _none_if_nan(np.nanmean(dice)) if np.any(~np.isnan(dice)) else None,
         "mean_iou": _none_if_nan(np.nanmean(iou)) if np.any(~np.isnan(iou)) else None,
         "pixel_accuracy": _none_if_nan(pixel_accuracy(matrix)),

@@ -13,6 +13,8 @@ from bcseg.metrics import (
     confusion_matrix,
     per_class_dice,
     per_class_iou,
+    per_class_precision,
+    per_class_recall,
     pixel_accuracy,
     summarize,
 )
@@ -60,6 +62,17 @@ def test_dice_and_iou_known_values():
     np.testing.assert_allclose(per_class_dice(matrix), [6 / 7, 4 / 7, 8 / 10])
     np.testing.assert_allclose(per_class_iou(matrix), [3 / 4, 2 / 5, 4 / 6])
     assert pixel_accuracy(matrix) == pytest.approx(9 / 12)
+
+
+def test_precision_and_recall_known_values():
+    matrix = confusion_matrix(TARGET, PREDICTION, num_classes=3)
+    # precision TP / (TP + FP): 3/3, 2/3, 4/6; recall TP / (TP + FN): 3/4, 2/4, 4/4
+    np.testing.assert_allclose(per_class_precision(matrix), [1.0, 2 / 3, 4 / 6])
+    np.testing.assert_allclose(per_class_recall(matrix), [3 / 4, 2 / 4, 1.0])
+    summary = summarize(matrix, ["a", "b", "c"])
+    assert summary["precision"]["b"] == pytest.approx(2 / 3)
+    assert summary["recall"]["a"] == pytest.approx(3 / 4)
+    assert summary["mean_dice"] == pytest.approx((6 / 7 + 4 / 7 + 8 / 10) / 3)
 
 
 def test_absent_class_scores_nan():

@@ -14,7 +14,7 @@ import sys
 
 from bcseg import __version__
 
-SUBCOMMANDS = ("run", "info", "train")
+SUBCOMMANDS = ("run", "info", "train", "evaluate")
 EXIT_OK, EXIT_INTERNAL_ERROR, EXIT_BAD_INPUT = 0, 1, 2
 
 log = logging.getLogger("bcseg")
@@ -46,7 +46,7 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Libraries that log at INFO by default drown ours; keep them at WARNING unless -vv.
-    for noisy in ("distributed", "numcodecs", "PIL", "zarr", "asyncio"):
+    for noisy in ("distributed", "numcodecs", "PIL", "zarr", "asyncio", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
 
 

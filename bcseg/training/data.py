@@ -18,6 +18,7 @@ from PIL import Image
 
 from bcseg.classes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from bcseg.errors import BadInputError
+from bcseg.training.augment import Augmentation, augment
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +117,48 @@ def resample(rgb: np.ndarray, mask: np.ndarray, source_mpp: float, target_mpp: f
     )
 
 
-def load_training_regions(
-    data_dirs: list[Path], groups: dict[int, str | None], lookup: np.ndarray, mpp: float, data_mpp: float | None
+def load_regions(
+    pairs: list[tuple[Path, Path]],
+    groups: dict[int, str | None],
+    lookup: np.ndarray,
+    mpp: float,
+    data_mpp: float | None,
+    stain_normalizer=None,
 ) -> list[Region]:
-    """Read, check and resample every pair of every folder; codes become model channels."""
+    """Read, check and resample each (image, mask) pair; codes become model channels.
+
+    With a ``stain_normalizer`` (bcseg.stain.StainNormalizer) each whole image is normalized
+    after resampling.
+    """
     regions = []
-    for data_dir in data_dirs:
-        for image_path, mask_path in find_pairs(Path(data_dir)):
-            source_mpp = resolution_of(image_path, data_mpp)
-            rgb, mask = read_pair(image_path, mask_path)
-            unknown = sorted(set(np.unique(mask).tolist()) - set(groups))
-            if unknown:
-                raise BadInputError(
-                    f"{mask_path}: unknown label codes {unknown}; known BCSS codes are "
-                    f"{min(groups)}..{max(groups)} (the code table in bcseg.classes)"
-                )
-            rgb, mask = resample(rgb, mask, source_mpp, mpp)
-            regions.append(Region(image_path.name, rgb, lookup[mask], source_mpp))
-            log.info("training region %s: %dx%d px at %.2f um/px", image_path.name, rgb.shape[1], rgb.shape[0], mpp)
+    for image_path, mask_path in pairs:
+        source_mpp = resolution_of(image_path, data_mpp)
+        rgb, mask = read_pair(image_path, mask_path)
+        unknown = sorted(set(np.unique(mask).tolist()) - set(groups))
+        if unknown:
+            raise BadInputError(
+                f"{mask_path}: unknown label codes {unknown}; known BCSS codes are "
+                f"{min(groups)}..{max(groups)} (the code table in bcseg.classes)"
+            )
+        rgb, mask = resample(rgb, mask, source_mpp, mpp)
+        if stain_normalizer is not None:
+            rgb = stain_normalizer.apply(rgb)
+        regions.append(Region(image_path.name, rgb, lookup[mask], source_mpp))
+        log.debug("region %s: %dx%d px at %.2f um/px", image_path.name, rgb.shape[1], rgb.shape[0], mpp)
     return regions
 
 
-def load_binary_validation(val_dir: Path, mpp: float, data_mpp: float | None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def load_training_regions(
+    data_dirs: list[Path], groups: dict[int, str | None], lookup: np.ndarray, mpp: float, data_mpp: float | None
+) -> list[Region]:
+    """Read every pair of every folder with ``load_regions``."""
+    pairs = [pair for data_dir in data_dirs for pair in find_pairs(Path(data_dir))]
+    return load_regions(pairs, groups, lookup, mpp, data_mpp)
+
+
+def load_binary_validation(
+    val_dir: Path, mpp: float, data_mpp: float | None, stain_normalizer=None
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Read tumour-versus-rest regions (mask 255 tumour, 0 the rest) as (name, RGB, tumour bool)."""
     regions = []
     for image_path, mask_path in find_pairs(Path(val_dir)):
@@ -149,6 +170,8 @@ def load_binary_validation(val_dir: Path, mpp: float, data_mpp: float | None) ->
                 "drop --val-binary for 22-code masks"
             )
         rgb, mask = resample(rgb, mask, resolution_of(image_path, data_mpp), mpp)
+        if stain_normalizer is not None:
+            rgb = stain_normalizer.apply(rgb)
         regions.append((image_path.name, rgb, mask == BINARY_TUMOR_VALUE))
     return regions
 
@@ -183,10 +206,18 @@ class PatchSampler:
     region's edge are mirrored in the image and IGNORE_INDEX in the labels.
     """
 
-    def __init__(self, regions: list[Region], tile_size: int, rng: np.random.Generator):
+    def __init__(
+        self,
+        regions: list[Region],
+        tile_size: int,
+        rng: np.random.Generator,
+        augmentation: Augmentation | None = None,
+    ):
         self.tile_size = tile_size
         self.rng = rng
-        half = tile_size // 2 + 1
+        self.augmentation = augmentation or Augmentation()
+        # The largest crop, before resizing to tile_size, is tile_size * max scale.
+        half = int(np.ceil(tile_size * self.augmentation.scale_range[1])) // 2 + 2
         self.half = half
         self.images = [np.pad(r.image, ((half, half), (half, half), (0, 0)), mode="symmetric") for r in regions]
         self.labels = [np.pad(r.labels, half, mode="constant", constant_values=IGNORE_INDEX) for r in regions]
@@ -219,44 +250,25 @@ class PatchSampler:
         )
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        """Return one patch: RGB uint8 (tile, tile, 3) and labels uint8 (tile, tile)."""
+        """Return one augmented patch: RGB uint8 (tile, tile, 3) and labels uint8 (tile, tile)."""
         centres = self.centres[self.rng.choice(len(self.classes), p=self.class_probabilities)]
         region_index, m_row, m_col = centres[self.rng.integers(len(centres))]
         # Jitter the centre so the chosen pixel is not always in the middle.
         jitter = self.tile_size // 4
         m_row += int(self.rng.integers(-jitter, jitter + 1))
         m_col += int(self.rng.integers(-jitter, jitter + 1))
+
+        # Scale jitter: crop a window of tile_size * scale and resize it to tile_size.
+        low, high = self.augmentation.scale_range
+        scale = float(np.exp(self.rng.uniform(np.log(low), np.log(high)))) if high > low else 1.0
+        crop = max(2, round(self.tile_size * scale))
         image, labels = self.images[region_index], self.labels[region_index]
-        m_top = int(np.clip(m_row - self.tile_size // 2, 0, image.shape[0] - self.tile_size))
-        m_left = int(np.clip(m_col - self.tile_size // 2, 0, image.shape[1] - self.tile_size))
-        window = (slice(m_top, m_top + self.tile_size), slice(m_left, m_left + self.tile_size))
-        return augment(image[window], labels[window], self.rng)
-
-
-def augment(rgb: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Apply a random dihedral transform (flips, 90-degree turns) and H&E colour jitter."""
-    turns = int(rng.integers(4))
-    rgb, labels = np.rot90(rgb, turns), np.rot90(labels, turns)
-    if rng.random() < 0.5:
-        rgb, labels = rgb[:, ::-1], labels[:, ::-1]
-    return jitter_colour(np.ascontiguousarray(rgb), rng), np.ascontiguousarray(labels)
-
-
-# Colour jitter ranges. Saturation varies most between H&E scans: the mean HSV saturation of the
-# BCSS regions here is 123 (A0D2), 90 (A0SK) and 82 (A1G6), so it is scaled down by up to 40%.
-HUE_SHIFT_DEGREES = 6.0  # maximum shift either way
-SATURATION_RANGE = (0.6, 1.15)
-BRIGHTNESS_RANGE = (0.88, 1.12)
-CONTRAST_RANGE = (0.85, 1.15)
-
-
-def jitter_colour(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Shift hue and scale saturation, brightness and contrast within the ranges above."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
-    opencv_shift = HUE_SHIFT_DEGREES / 2  # OpenCV stores 8-bit hue as degrees / 2, 0..180
-    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-opencv_shift, opencv_shift)) % 180.0
-    hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*SATURATION_RANGE), 0, 255)
-    out = cv2.cvtColor(hsv.round().clip(0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
-    mean = out.mean()
-    out = (out - mean) * rng.uniform(*CONTRAST_RANGE) + mean * rng.uniform(*BRIGHTNESS_RANGE)
-    return out.round().clip(0, 255).astype(np.uint8)
+        m_top = int(np.clip(m_row - crop // 2, 0, image.shape[0] - crop))
+        m_left = int(np.clip(m_col - crop // 2, 0, image.shape[1] - crop))
+        window = (slice(m_top, m_top + crop), slice(m_left, m_left + crop))
+        rgb, patch_labels = image[window], labels[window]
+        if crop != self.tile_size:
+            size = (self.tile_size, self.tile_size)
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if crop > self.tile_size else cv2.INTER_LINEAR)
+            patch_labels = cv2.resize(patch_labels, size, interpolation=cv2.INTER_NEAREST)
+        return augment(rgb, patch_labels, self.rng, self.augmentation)

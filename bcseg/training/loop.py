@@ -1,17 +1,24 @@
-"""The training run: optimizer, schedule, periodic validation and checkpoints."""
+"""The training run: data and splits, model set-up, epochs of optimizer steps, validation, checkpoints.
+
+A run folder holds ``config.json`` (the settings), ``split.json`` (regions per split),
+``state.pt`` (everything needed to resume: weights, optimizer, schedule, random states),
+``last.safetensors`` and ``best.safetensors`` (model checkpoints), and the metrics table and plot.
+``state.pt`` is written after every epoch and when a run is stopped, so ``resume`` continues
+exactly where the last save left off.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-import platform
 import shutil
 import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -19,207 +26,499 @@ import numpy as np
 import torch
 from torch import nn
 
-from bcseg import __version__
-from bcseg.checkpoint import ModelInfo, load_checkpoint, save_checkpoint
-from bcseg.classes import CLASS_NAMES, DEFAULT_BCSS_GROUPS, IGNORE_INDEX, NUM_CLASSES, code_lookup_table
+from bcseg.checkpoint import load_checkpoint, save_checkpoint
+from bcseg.classes import CLASS_NAMES, DEFAULT_BCSS_GROUPS, code_lookup_table
 from bcseg.errors import BadInputError
-from bcseg.metrics import binary_dice, confusion_matrix, summarize
 from bcseg.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, build_model
-from bcseg.training.data import (
-    BRIGHTNESS_RANGE,
-    CONTRAST_RANGE,
-    EVEN_SAMPLING_MIN_SHARE,
-    HUE_SHIFT_DEGREES,
-    SATURATION_RANGE,
-    PatchSampler,
-    class_pixel_counts,
-    class_weights,
-    load_binary_validation,
-    load_training_regions,
-)
-from bcseg.training.predict import normalize, predict_labels
+from bcseg.training import distributed
+from bcseg.training.augment import Augmentation
+from bcseg.training.data import PatchSampler, class_pixel_counts, class_weights, find_pairs, load_regions
+from bcseg.training.logbook import Logbook
+from bcseg.training.losses import DiceCrossEntropyLoss
+from bcseg.training.model_setup import load_backbone_weights, model_info, freeze_backbone
+from bcseg.training.predict import normalize
+from bcseg.training.splits import DEFAULT_TEST_SITES, DEFAULT_VALIDATION_FRACTION, Split, read_split_file, split_by_site
+from bcseg.training.validation import Validation, selection_score
 
 log = logging.getLogger(__name__)
 
 TUMOR_CHANNEL = CLASS_NAMES.index("tumor")
-INITIALIZATION_NOTE = "random initialization: no pretrained (ImageNet) weights were available or used"
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.json"
+STATE_FILE = "state.pt"
 
 
 @dataclass
 class TrainConfig:
     data_dirs: list[Path]
     out_dir: Path
-    mpp: float = 1.0  # model resolution, microns per pixel
+    mpp: float = 0.5  # model resolution, microns per pixel
     tile_size: int = 256  # training patch side at model resolution, px
     inference_tile_size: int = 512  # stored in the checkpoint as the tile size inference should use
-    steps: int = 1000
-    batch_size: int = 4
+    epochs: int = 40
+    patches_per_epoch: int | None = None  # default: labelled training area / patch area
+    batch_size: int = 4  # patches per process and micro-batch
+    accumulation_steps: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int | None = None  # default: 5% of steps
+    warmup_steps: int | None = None  # default: 5% of all optimizer steps
+    dice_weight: float = 1.0  # loss = cross-entropy + dice_weight * (1 - soft Dice)
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA; ignored on CPU
     data_mpp: float | None = None
-    val_dir: Path | None = None
+    test_sites: list[str] = field(default_factory=lambda: list(DEFAULT_TEST_SITES))
+    val_sites: list[str] | None = None
+    val_fraction: float = DEFAULT_VALIDATION_FRACTION
+    split_file: Path | None = None
+    val_dir: Path | None = None  # an extra validation folder, e.g. tumour-versus-rest masks
     val_binary: bool = False
-    val_every: int = 50
-    log_every: int = 10
-    max_minutes: float | None = None
+    val_every_epochs: int = 1
+    scale_range: tuple[float, float] = (0.8, 1.25)
+    colour_jitter: bool = True
+    stain_normalization: str | None = None  # "macenko" or "reinhard"
+    stain_target: Path | None = None
+    freeze_backbone: bool = False
+    backbone_weights: Path | None = None
     init_from: Path | None = None
+    max_minutes: float | None = None
     compact_out: Path | None = None
     groups: dict[int, str | None] = field(default_factory=lambda: dict(DEFAULT_BCSS_GROUPS))
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+        data["data_dirs"] = [str(path) for path in self.data_dirs]
+        data["groups"] = {str(code): group for code, group in sorted(self.groups.items())}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        path_keys = ("out_dir", "split_file", "val_dir", "stain_target", "backbone_weights", "init_from", "compact_out")
+        for key in path_keys:
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        values["data_dirs"] = [Path(path) for path in values["data_dirs"]]
+        values["groups"] = {int(code): group for code, group in values["groups"].items()}
+        values["scale_range"] = tuple(values["scale_range"])
+        return cls(**values)
 
 
 @dataclass
 class TrainResult:
+    run_dir: Path
     last_path: Path
     best_path: Path
     compact_path: Path | None
+    epochs_done: int
     steps_done: int
     best_score: float | None
+    best_score_name: str | None
     seconds_per_step: float
+    stopped_early: bool
 
 
 class _StopRequest:
-    """Set by SIGTERM so a run stopped from outside still saves its last checkpoint."""
+    """Set by SIGTERM so a run stopped from outside saves its state before it exits."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def __call__(self, signum, frame) -> None:
-        log.warning("signal %d received; stopping after this step and saving the last checkpoint", signum)
+        log.warning("signal %d received: stopping after this step and saving the training state", signum)
         self.requested = True
 
 
-def train(config: TrainConfig, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Train a model with the settings in ``config``, writing checkpoints and metrics.jsonl under ``config.out_dir``.
+# The callback receives (epoch, epochs, step in epoch, steps per epoch, loss of the last step).
+ProgressCallback = Callable[[int, int, int, int, float], None]
 
-    ``progress(step, steps, loss)`` is called after every step. Raises BadInputError on bad data
-    or options. The run stops early, saving its checkpoints, after ``max_minutes`` or on SIGTERM.
+
+def train(config: TrainConfig, progress: ProgressCallback | None = None, resume: bool = False) -> TrainResult:
+    """Train with ``config``, or continue the run in ``config.out_dir`` with ``resume=True``.
+
+    Under ``torchrun`` every process calls this; process 0 writes the run folder. Raises
+    BadInputError on bad data or options. The run stops early, saving its state, after
+    ``max_minutes`` or on SIGTERM.
     """
     _check_options(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # Data
-    lookup = code_lookup_table(config.groups)
-    regions = load_training_regions(config.data_dirs, config.groups, lookup, config.mpp, config.data_mpp)
-    counts = class_pixel_counts(regions)
-    weights = class_weights(counts)
-    log.info("class pixels %s; loss weights %s", dict(zip(CLASS_NAMES, counts.tolist())), np.round(weights, 3).tolist())
-    sampler = PatchSampler(regions, config.tile_size, rng)
-    validation = _load_validation(config, lookup)
-
-    # Model and optimizer
-    model = _initial_model(config)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, config.steps))
-    loss_function = nn.CrossEntropyLoss(weight=torch.from_numpy(weights), ignore_index=IGNORE_INDEX)
-
-    base_info = _model_info(config, regions, counts, weights)
-    last_path, best_path = out_dir / "last.safetensors", out_dir / "best.safetensors"
-    metrics_path = out_dir / "metrics.jsonl"
-    best_score: float | None = None
-    best_scores: dict | None = None
-
-    stop = _StopRequest()
-    previous_handler = signal.signal(signal.SIGTERM, stop) if _in_main_thread() else None
-    started = time.monotonic()
-    step = 0
-    recent_losses: list[float] = []
+    group, device = distributed.start_process_group(config.device)
     try:
-        while step < config.steps:
-            # One optimization step
-            images, labels = zip(*(sampler.sample() for _ in range(config.batch_size)))
-            inputs = normalize(np.stack(images), IMAGENET_MEAN, IMAGENET_STD)
-            targets = torch.from_numpy(np.stack(labels).astype(np.int64))
-            loss = loss_function(model(inputs), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"training loss became {loss_value} at step {step}; lower --lr")
-            recent_losses.append(loss_value)
-            if progress:
-                progress(step, config.steps, loss_value)
-
-            elapsed = time.monotonic() - started
-            out_of_time = config.max_minutes is not None and elapsed >= config.max_minutes * 60
-            finishing = step == config.steps or out_of_time or stop.requested
-            if step % config.log_every == 0 or finishing:
-                log.info(
-                    "step %d/%d loss %.4f lr %.2e %.2f s/step",
-                    step, config.steps, np.mean(recent_losses), scheduler.get_last_lr()[0], elapsed / step,
-                )
-
-            # Validation and checkpoints
-            if step % config.val_every == 0 or finishing:
-                record = {
-                    "step": step,
-                    "loss": float(np.mean(recent_losses)),
-                    "lr": scheduler.get_last_lr()[0],
-                    "elapsed_s": round(elapsed, 1),
-                }
-                recent_losses = []
-                scores = _validate(model, validation, config) if validation else None
-                if scores is not None:
-                    record["validation"] = scores
-                    log.info("step %d validation tumour Dice %.4f", step, scores["tumor_dice"])
-                with open(metrics_path, "a", encoding="utf-8") as file:
-                    file.write(json.dumps(record) + "\n")
-
-                info = _with_progress(base_info, step, elapsed, scores, best_scores)
-                save_checkpoint(last_path, model, info)
-                if scores is not None and (best_score is None or scores["tumor_dice"] > best_score):
-                    best_score, best_scores = scores["tumor_dice"], {**scores, "step": step}
-                    save_checkpoint(best_path, model, _with_progress(base_info, step, elapsed, scores, best_scores))
-                    log.info("new best tumour Dice %.4f at step %d: %s", best_score, step, best_path)
-                elif validation is None:
-                    _replace_with_copy(last_path, best_path)
-            if finishing:
-                if out_of_time:
-                    log.info("stopping at step %d: --max-minutes %.1f reached", step, config.max_minutes)
-                break
+        return _Run(config, group, device, progress, resume).execute()
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-
-    seconds_per_step = (time.monotonic() - started) / max(step, 1)
-    compact_path = None
-    if config.compact_out:
-        best = load_checkpoint(best_path)
-        compact_path = save_checkpoint(config.compact_out, best.model, best.info, compact=True)
-        log.info("compact copy of %s written to %s", best_path, compact_path)
-    return TrainResult(last_path, best_path, compact_path, step, best_score, seconds_per_step)
+        distributed.stop_process_group(group)
 
 
-def _check_options(config: TrainConfig) -> None:
-    checks = [
-        (config.mpp > 0, f"--mpp must be positive, got {config.mpp}"),
-        (config.tile_size >= 32, f"--tile-size must be at least 32 px, got {config.tile_size}"),
-        (config.inference_tile_size >= 64, f"--inference-tile-size must be at least 64 px, got {config.inference_tile_size}"),
-        (config.steps >= 1, f"--steps must be at least 1, got {config.steps}"),
-        (config.batch_size >= 2, f"--batch-size must be at least 2 (batch normalization), got {config.batch_size}"),
-        (config.lr > 0, f"--lr must be positive, got {config.lr}"),
-        (config.val_every >= 1, f"--val-every must be at least 1, got {config.val_every}"),
-        (config.data_mpp is None or config.data_mpp > 0, f"--data-mpp must be positive, got {config.data_mpp}"),
-        (not config.val_binary or config.val_dir is not None, "--val-binary needs --val-dir"),
-    ]
-    for passed, message in checks:
-        if not passed:
-            raise BadInputError(message)
+def resume_config(run_dir: Path, max_minutes: float | None = None, threads: int | None = None) -> TrainConfig:
+    """Read the settings of the run in ``run_dir`` for ``train(..., resume=True)``."""
+    config_path, state_path = Path(run_dir) / CONFIG_FILE, Path(run_dir) / STATE_FILE
+    if not config_path.exists() or not state_path.exists():
+        raise BadInputError(
+            f"{run_dir}: not a resumable training run ({CONFIG_FILE} or {STATE_FILE} missing); "
+            "a run saves its state after its first epoch or when stopped"
+        )
+    config = TrainConfig.from_json(json.loads(config_path.read_text(encoding="utf-8")))
+    config.out_dir = Path(run_dir)
+    config.max_minutes = max_minutes
+    if threads:
+        config.threads = threads
+    return config
 
 
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
+class _Run:
+    def __init__(self, config: TrainConfig, group, device: torch.device, progress, resume: bool):
+        self.config = config
+        self.group = group
+        self.device = device
+        self.progress = progress
+        self.resume = resume
+        self.run_dir = Path(config.out_dir)
+        self.logbook = Logbook(self.run_dir)
+
+    # Set-up
+
+    def execute(self) -> TrainResult:
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self._prepare_run_dir()
+        self._load_data()
+        self._build_model()
+        self._build_optimizer()
+        if self.resume:
+            self._load_state()
+        return self._loop()
+
+    def _prepare_run_dir(self) -> None:
+        state_path = self.run_dir / STATE_FILE
+        if not self.resume and state_path.exists():
+            raise BadInputError(
+                f"{self.run_dir}: already holds a training run; continue it with --resume {self.run_dir} "
+                "or choose another --out"
+            )
+        if self.group.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                _write_json(self.run_dir / CONFIG_FILE, self.config.to_json())
+        distributed.barrier(self.group)
+
+    def _load_data(self) -> None:
+        config = self.config
+        pairs = [pair for data_dir in config.data_dirs for pair in find_pairs(Path(data_dir))]
+        by_name = {image.name: (image, mask) for image, mask in pairs}
+        if len(by_name) != len(pairs):
+            raise BadInputError("two data folders hold images of the same name; give each region one file name")
+
+        split_path = self.run_dir / SPLIT_FILE
+        if self.resume:
+            split = read_split_file(split_path)
+        elif config.split_file is not None:
+            split = read_split_file(config.split_file)
+        else:
+            split = split_by_site(list(by_name), config.test_sites, config.val_sites, config.val_fraction, config.seed)
+        missing = sorted(set(split.train + split.validation) - set(by_name))
+        if missing:
+            raise BadInputError(f"{missing[0]}: listed in the split but not found in {', '.join(map(str, config.data_dirs))}")
+        self.split = split
+        if self.group.is_main and not self.resume:
+            _write_json(split_path, split.to_json())
+
+        self.stain_normalizer = None
+        if config.stain_normalization:
+            from bcseg.stain import StainNormalizer
+
+            self.stain_normalizer = StainNormalizer.fit_file(config.stain_normalization, config.stain_target)
+
+        lookup = code_lookup_table(config.groups)
+        load = lambda names: load_regions(  # noqa: E731
+            [by_name[name] for name in names], config.groups, lookup, config.mpp, config.data_mpp, self.stain_normalizer
+        )
+        self.train_regions = load(split.train)
+        validation_regions = load(split.validation) if self.group.is_main else []
+        self.validation = Validation.create(config, validation_regions, self.stain_normalizer) if self.group.is_main else None
+
+        self.counts = class_pixel_counts(self.train_regions)
+        self.weights = class_weights(self.counts)
+        log.info(
+            "training pixels per class %s; loss weights %s",
+            dict(zip(CLASS_NAMES, self.counts.tolist())), np.round(self.weights, 3).tolist(),
+        )
+        augmentation = Augmentation(scale_range=config.scale_range)
+        if not config.colour_jitter:
+            augmentation = Augmentation(
+                scale_range=config.scale_range, hed_scale=0.0, hed_shift=0.0,
+                saturation_range=(1.0, 1.0), brightness_range=(1.0, 1.0), contrast_range=(1.0, 1.0),
+            )
+        self.augmentation = augmentation
+        self.sampler = PatchSampler(
+            self.train_regions, config.tile_size, np.random.default_rng([config.seed, self.group.rank]), augmentation
+        )
+
+        labelled = int(self.counts.sum())
+        patches = config.patches_per_epoch or max(1, round(labelled / config.tile_size**2))
+        per_step = config.batch_size * config.accumulation_steps * self.group.world_size
+        self.steps_per_epoch = max(1, math.ceil(patches / per_step))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        log.info(
+            "%d epochs of %d steps (%d patches of %d px per step over %d processes)",
+            config.epochs, self.steps_per_epoch, per_step, config.tile_size, self.group.world_size,
+        )
+
+    def _build_model(self) -> None:
+        config = self.config
+        torch.manual_seed(config.seed)
+        if config.init_from is not None:
+            loaded = load_checkpoint(config.init_from)
+            if abs(loaded.info.mpp - config.mpp) > 1e-6:
+                raise BadInputError(
+                    f"{config.init_from}: checkpoint was trained at {loaded.info.mpp} um/px but --mpp is {config.mpp}"
+                )
+            model = loaded.model
+            log.info("starting from the weights of %s", config.init_from)
+        else:
+            model = build_model(ARCHITECTURE)
+            if config.backbone_weights is not None:
+                load_backbone_weights(model, config.backbone_weights)
+        if config.freeze_backbone:
+            freeze_backbone(model)
+        model.to(self.device)
+        if self.device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        # Dropout differs per process; the weights are the same everywhere (DDP broadcasts rank 0's).
+        torch.manual_seed(config.seed * 1000 + self.group.rank)
+        self.model = model
+        if self.group.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        else:
+            self.train_model = model
+
+        self.autocast_dtype = None
+        if self.device.type == "cuda" and config.amp:
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _build_optimizer(self) -> None:
+        config = self.config
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = config.warmup_steps if config.warmup_steps is not None else max(1, self.total_steps // 20)
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, warmup, total))
+        # A gradient scaler is needed only for float16; bfloat16 has float32's range.
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.loss_function = DiceCrossEntropyLoss(torch.from_numpy(self.weights), config.dice_weight).to(self.device)
+
+        self.epoch = 0  # epochs completed
+        self.step_in_epoch = 0
+        self.step = 0
+        self.epoch_sums = np.zeros(4)  # total loss, cross-entropy, Dice loss, steps
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self.elapsed_before = 0.0
+
+    def _load_state(self) -> None:
+        state = torch.load(self.run_dir / STATE_FILE, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.group.world_size:
+            raise BadInputError(
+                f"{self.run_dir}: the run was trained with {state['world_size']} processes; resume it with the same number"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.rng.bit_generator.state = json.loads(state["sampler_rng"][self.group.rank])
+        torch.set_rng_state(state["torch_rng"][self.group.rank])
+        if self.device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state(state["cuda_rng"][self.group.rank], self.device)
+        self.epoch, self.step_in_epoch, self.step = state["epoch"], state["step_in_epoch"], state["step"]
+        self.epoch_sums = np.asarray(state["epoch_sums"], dtype=np.float64)
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.elapsed_before = state["elapsed_seconds"]
+        if self.group.is_main:
+            self.logbook.truncate_after(self.epoch)
+        log.info("resuming %s at epoch %d, step %d of %d", self.run_dir, self.epoch + 1, self.step, self.total_steps)
+
+    # Training
+
+    def _loop(self) -> TrainResult:
+        config = self.config
+        stop = _StopRequest()
+        previous_handler = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+        started = time.monotonic()
+        steps_at_start = self.step
+        stopped_early = False
+        try:
+            while self.epoch < config.epochs and not stopped_early:
+                epoch_started = time.monotonic()
+                self.model.train()
+                if config.freeze_backbone:
+                    self.model.net.backbone.eval()
+                halt = False
+                while self.step_in_epoch < self.steps_per_epoch and not halt:
+                    loss = self._optimizer_step()
+                    if self.progress and self.group.is_main:
+                        self.progress(self.epoch + 1, config.epochs, self.step_in_epoch, self.steps_per_epoch, loss)
+                    out_of_time = config.max_minutes is not None and time.monotonic() - started >= config.max_minutes * 60
+                    # Every process must agree, or the ones that go on wait forever for the others.
+                    halt = distributed.any_process(self.group, stop.requested or out_of_time, self.device)
+                    if halt and out_of_time:
+                        log.info("stopping at step %d: --max-minutes %.1f reached", self.step, config.max_minutes)
+                elapsed = self.elapsed_before + time.monotonic() - started
+                if self.step_in_epoch == self.steps_per_epoch:
+                    self._finish_epoch(time.monotonic() - epoch_started, elapsed)
+                else:
+                    self._save(elapsed, scores=None)
+                stopped_early = halt and self.epoch < config.epochs
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+        steps_run = self.step - steps_at_start
+        seconds_per_step = (time.monotonic() - started) / max(steps_run, 1)
+        return self._result(seconds_per_step, stopped_early)
+
+    def _optimizer_step(self) -> float:
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = np.zeros(3)
+        for micro in range(config.accumulation_steps):
+            images, labels = zip(*(self.sampler.sample() for _ in range(config.batch_size)))
+            inputs = normalize(np.stack(images), IMAGENET_MEAN, IMAGENET_STD).to(self.device, non_blocking=True)
+            targets = torch.from_numpy(np.stack(labels).astype(np.int64)).to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            last_micro = micro == config.accumulation_steps - 1
+            # DDP averages gradients only on the last micro-batch of a step.
+            sync = self.train_model.no_sync() if self.group.distributed and not last_micro else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                    logits = self.train_model(inputs)
+                loss = self.loss_function(logits, targets) / config.accumulation_steps
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            parts = self.loss_function.last_parts
+            totals += [float(loss.detach()) * config.accumulation_steps, parts["cross_entropy"], parts.get("dice_loss", 0.0)]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.step_in_epoch += 1
+
+        totals /= config.accumulation_steps
+        totals = np.asarray(distributed.mean_over_processes(self.group, totals.tolist(), self.device))
+        if not math.isfinite(totals[0]):
+            raise RuntimeError(f"training loss became {totals[0]} at step {self.step}; lower --lr")
+        self.epoch_sums += [*totals, 1]
+        return float(totals[0])
+
+    def _finish_epoch(self, epoch_seconds: float, elapsed: float) -> None:
+        config = self.config
+        self.epoch += 1
+        self.step_in_epoch = 0
+        sums, self.epoch_sums = self.epoch_sums, np.zeros(4)
+        steps = max(sums[3], 1)
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": sums[0] / steps,
+            "cross_entropy": sums[1] / steps,
+            "dice_loss": sums[2] / steps if config.dice_weight else None,
+        }
+        scores = None
+        if self.group.is_main:
+            validate_now = self.epoch % config.val_every_epochs == 0 or self.epoch == config.epochs
+            if self.validation is not None and validate_now:
+                scores = self.validation.run(self.model, self.device, self.autocast_dtype)
+                record.update(scores)
+            record["epoch_seconds"] = round(epoch_seconds, 1)
+            record["elapsed_seconds"] = round(elapsed, 1)
+            self.logbook.append(record)
+            score_name, score = selection_score(scores)
+            log.info(
+                "epoch %d/%d loss %.4f%s (%.0f s)",
+                self.epoch, config.epochs, record["loss"],
+                "" if score is None else f", validation {score_name} {score:.4f}", epoch_seconds,
+            )
+        self._save(elapsed, scores)
+
+    # Saving
+
+    def _save(self, elapsed: float, scores: dict | None) -> None:
+        """Write last.safetensors, best.safetensors when the score improved, and state.pt."""
+        sampler_states = distributed.gather_objects(self.group, json.dumps(self.sampler.rng.bit_generator.state))
+        torch_states = distributed.gather_objects(self.group, torch.get_rng_state())
+        cuda_states = (
+            distributed.gather_objects(self.group, torch.cuda.get_rng_state(self.device)) if self.device.type == "cuda" else []
+        )
+        if self.group.is_main:
+            score_name, score = selection_score(scores)
+            improved = score is not None and (self.best_score is None or score > self.best_score)
+            if improved:
+                self.best_score, self.best_epoch = score, self.epoch
+            info = model_info(self, elapsed, scores)
+            last_path, best_path = self.run_dir / "last.safetensors", self.run_dir / "best.safetensors"
+            save_checkpoint(last_path, self.model, info)
+            if improved:
+                _replace_with_copy(last_path, best_path)
+                log.info("new best validation %s %.4f at epoch %d: %s", score_name, score, self.epoch, best_path)
+            elif self.validation is None and self.step_in_epoch == 0:
+                _replace_with_copy(last_path, best_path)
+
+            state = {
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "sampler_rng": sampler_states,
+                "torch_rng": torch_states,
+                "cuda_rng": [state.cpu() for state in cuda_states],
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "step": self.step,
+                "epoch_sums": self.epoch_sums.tolist(),
+                "best_score": self.best_score,
+                "best_epoch": self.best_epoch,
+                "elapsed_seconds": elapsed,
+                "world_size": self.group.world_size,
+            }
+            temporary = self.run_dir / (STATE_FILE + ".partial")
+            torch.save(state, temporary)
+            os.replace(temporary, self.run_dir / STATE_FILE)
+        distributed.barrier(self.group)
+
+    def _result(self, seconds_per_step: float, stopped_early: bool) -> TrainResult:
+        compact_path = None
+        best_path = self.run_dir / "best.safetensors"
+        if self.config.compact_out and self.group.is_main and not stopped_early and best_path.exists():
+            best = load_checkpoint(best_path)
+            compact_path = save_checkpoint(self.config.compact_out, best.model, best.info, compact=True)
+            log.info("compact copy of %s written to %s", best_path, compact_path)
+        return TrainResult(
+            run_dir=self.run_dir,
+            last_path=self.run_dir / "last.safetensors",
+            best_path=best_path,
+            compact_path=compact_path,
+            epochs_done=self.epoch,
+            steps_done=self.step,
+            best_score=self.best_score,
+            best_score_name=self.validation.score_name if self.validation else None,
+            seconds_per_step=seconds_per_step,
+            stopped_early=stopped_early,
+        )
+
+
+def lr_factor(step: int, warmup: int, steps: int) -> float:
     """Linear warm-up to 1, then cosine decay to 1% of the base rate at ``steps``."""
     if step < warmup:
         return (step + 1) / warmup
@@ -227,118 +526,38 @@ def _lr_factor(step: int, warmup: int, steps: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _initial_model(config: TrainConfig) -> nn.Module:
-    if config.init_from is None:
-        return build_model(ARCHITECTURE, NUM_CLASSES)
-    loaded = load_checkpoint(config.init_from)
-    if abs(loaded.info.mpp - config.mpp) > 1e-6:
-        raise BadInputError(
-            f"{config.init_from}: checkpoint was trained at {loaded.info.mpp} um/px but --mpp is {config.mpp}"
-        )
-    log.info("starting from the weights of %s", config.init_from)
-    return loaded.model
+def _check_options(config: TrainConfig) -> None:
+    checks = [
+        (config.mpp > 0, f"--mpp must be positive, got {config.mpp}"),
+        (config.tile_size >= 32, f"--tile-size must be at least 32 px, got {config.tile_size}"),
+        (config.inference_tile_size >= 64, f"--inference-tile-size must be at least 64 px, got {config.inference_tile_size}"),
+        (config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}"),
+        (config.patches_per_epoch is None or config.patches_per_epoch >= 1,
+         f"--patches-per-epoch must be at least 1, got {config.patches_per_epoch}"),
+        (config.batch_size >= 2, f"--batch-size must be at least 2 (batch normalization), got {config.batch_size}"),
+        (config.accumulation_steps >= 1, f"--accumulation-steps must be at least 1, got {config.accumulation_steps}"),
+        (config.lr > 0, f"--lr must be positive, got {config.lr}"),
+        (config.dice_weight >= 0, f"--dice-weight must be 0 or more, got {config.dice_weight}"),
+        (config.val_every_epochs >= 1, f"--val-every must be at least 1, got {config.val_every_epochs}"),
+        (config.data_mpp is None or config.data_mpp > 0, f"--data-mpp must be positive, got {config.data_mpp}"),
+        (not config.val_binary or config.val_dir is not None, "--val-binary needs --val-dir"),
+        (0 < config.scale_range[0] <= config.scale_range[1],
+         f"--scale-jitter gives an invalid zoom range {config.scale_range}"),
+        (not config.stain_normalization or config.stain_target is not None,
+         "--stain-normalization needs --stain-target IMAGE, an H&E image whose colours the data are mapped to"),
+        (config.backbone_weights is None or config.init_from is None,
+         "--backbone-weights and --init-from both set the starting weights; give one"),
+        (config.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {config.device}"),
+    ]
+    for passed, message in checks:
+        if not passed:
+            raise BadInputError(message)
 
 
-def _load_validation(config: TrainConfig, lookup: np.ndarray):
-    if config.val_dir is None:
-        log.warning("no --val-dir: best.safetensors is the last checkpoint, with no validation score")
-        return None
-    if config.val_binary:
-        return ("binary", load_binary_validation(config.val_dir, config.mpp, config.data_mpp))
-    return ("codes", load_training_regions([config.val_dir], config.groups, lookup, config.mpp, config.data_mpp))
-
-
-def _validate(model: nn.Module, validation, config: TrainConfig) -> dict:
-    """Score the model on the validation regions; always returns "tumor_dice"."""
-    kind, regions = validation
-    model.eval()
-    started = time.monotonic()
-    # Windows twice the inference tile side spend less time on overlaps than tile-sized ones.
-    window = 2 * config.inference_tile_size
-    margin = min(32, window // 8)
-    try:
-        if kind == "binary":
-            tumor_true, tumor_predicted = [], []
-            for _, rgb, tumor in regions:
-                labels = predict_labels(model, rgb, IMAGENET_MEAN, IMAGENET_STD, window_px=window, margin_px=margin)
-                tumor_true.append(tumor.ravel())
-                tumor_predicted.append(labels.ravel() == TUMOR_CHANNEL)
-            truth, predicted = np.concatenate(tumor_true), np.concatenate(tumor_predicted)
-            scores = {
-                "kind": "tumor_vs_rest",
-                "regions": [name for name, _, _ in regions],
-                "tumor_dice": binary_dice(truth, predicted),
-                "tumor_fraction_true": float(truth.mean()),
-                "tumor_fraction_predicted": float(predicted.mean()),
-                "pixel_accuracy": float((truth == predicted).mean()),
-            }
-        else:
-            matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-            for region in regions:
-                labels = predict_labels(model, region.image, IMAGENET_MEAN, IMAGENET_STD, window_px=window, margin_px=margin)
-                matrix += confusion_matrix(region.labels, labels, NUM_CLASSES)
-            summary = summarize(matrix, CLASS_NAMES)
-            tumor = summary["dice"]["tumor"]
-            scores = {"kind": "classes", "regions": [r.name for r in regions], **summary,
-                      "tumor_dice": tumor if tumor is not None else float("nan")}
-    finally:
-        model.train()
-    scores["seconds"] = round(time.monotonic() - started, 1)
-    return scores
-
-
-def _model_info(config: TrainConfig, regions, counts: np.ndarray, weights: np.ndarray) -> ModelInfo:
-    recipe = {
-        key: (str(value) if isinstance(value, Path) else value)
-        for key, value in asdict(config).items()
-        if key not in ("data_dirs", "out_dir", "val_dir", "init_from", "compact_out", "groups")
-    }
-    recipe.update(
-        optimizer="AdamW",
-        schedule="linear warm-up then cosine to 1% of lr",
-        loss="cross-entropy weighted per class, ignore_index for ignored codes and padding",
-        sampling=(
-            f"patch centres drawn equally often from each class with at least {EVEN_SAMPLING_MIN_SHARE:.0%} "
-            "of labelled pixels, rarer classes in proportion"
-        ),
-        augmentation=(
-            f"flips, 90-degree rotations, hue +-{HUE_SHIFT_DEGREES:g} degrees, saturation x{SATURATION_RANGE}, "
-            f"brightness x{BRIGHTNESS_RANGE}, contrast x{CONTRAST_RANGE}"
-        ),
-        initialization=INITIALIZATION_NOTE if config.init_from is None else f"weights of {Path(config.init_from).name}",
-    )
-    provenance = {
-        "training_data": [{"file": r.name, "source_mpp": r.source_mpp} for r in regions],
-        "training_data_dirs": [str(d) for d in config.data_dirs],
-        "validation_dir": str(config.val_dir) if config.val_dir else None,
-        "class_pixels": dict(zip(CLASS_NAMES, counts.tolist())),
-        "class_weights": dict(zip(CLASS_NAMES, [round(float(w), 4) for w in weights])),
-        "recipe": recipe,
-        "package_version": __version__,
-        "torch_version": torch.__version__,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-    }
-    return ModelInfo(
-        mpp=config.mpp,
-        tile_size_px=config.inference_tile_size,
-        bcss_groups={str(code): group for code, group in sorted(config.groups.items())},
-        provenance=provenance,
-    )
-
-
-def _with_progress(base: ModelInfo, step: int, elapsed: float, scores: dict | None, best: dict | None) -> ModelInfo:
-    provenance = dict(base.provenance)
-    provenance.update(
-        steps=step,
-        train_seconds=round(elapsed, 1),
-        seconds_per_step=round(elapsed / max(step, 1), 3),
-        validation=scores,
-        best_validation=best,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    return ModelInfo(
-        mpp=base.mpp, tile_size_px=base.tile_size_px, bcss_groups=base.bcss_groups, provenance=provenance
-    )
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    temporary.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _replace_with_copy(source: Path, target: Path) -> None:
@@ -355,7 +574,3 @@ def _replace_with_copy(source: Path, target: Path) -> None:
     os.replace(temporary, target)
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -45,13 +45,14 @@ def predict_labels(
     pad_right = margin_px + (-m_cols) % step
     padded = np.pad(rgb, ((margin_px, pad_bottom), (margin_px, pad_right), (0, 0)), mode="symmetric")
 
+    device = next(model.parameters()).device
     labels = np.zeros((m_rows, m_cols), dtype=np.uint8)
     for m_top in range(0, m_rows, step):
         for m_left in range(0, m_cols, step):
             window = padded[m_top : m_top + window_px, m_left : m_left + window_px]
-            logits = model(normalize(window, mean, std))[0]
+            logits = model(normalize(window, mean, std).to(device))[0].float()
             keep = logits[:, margin_px : margin_px + step, margin_px : margin_px + step].argmax(dim=0)
             rows = min(step, m_rows - m_top)
             cols = min(step, m_cols - m_left)
-            labels[m_top : m_top + rows, m_left : m_left + cols] = keep[:rows, :cols].numpy()
+            labels[m_top : m_top + rows, m_left : m_left + cols] = keep[:rows, :cols].cpu().numpy()
     return labels
