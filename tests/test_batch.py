@@ -63,12 +63,15 @@ def result_content(output_dir: Path) -> dict:
     opener = gzip.open if geojson_path.suffix == ".gz" else open
     with opener(geojson_path, "rt", encoding="utf-8") as file:
         features = json.load(file)["features"]
+    mean_probabilities = []
     for feature in features:
         feature.pop("id", None)
+        mean_probabilities.append(feature["properties"]["measurements"].pop("Mean probability"))
     summary = json.loads((output_dir / "summary.json").read_text())
     prediction = zarr.open_group(output_dir / "prediction.zarr", mode="r")
     return {
         "features": features,
+        "mean_probabilities": np.array(mean_probabilities),
         "labels": tifffile.imread(output_dir / "labels.tif"),
         "arrays": {name: np.asarray(array) for name, array in prediction.arrays()},
         "classes": summary["classes"],
@@ -85,8 +88,15 @@ def assert_same_results(left: Path, right: Path) -> None:
     np.testing.assert_array_equal(actual["labels"], expected["labels"])
     assert actual["arrays"].keys() == expected["arrays"].keys()
     for name in expected["arrays"]:
-        np.testing.assert_array_equal(actual["arrays"][name], expected["arrays"][name], err_msg=name)
+        if name == "probabilities":
+            # torch's CPU convolutions sum in an order that depends on the thread count, which
+            # differs between a dask worker (its share of the cores) and a serial run: float16
+            # probabilities may then differ in their last bits.
+            np.testing.assert_allclose(actual["arrays"][name], expected["arrays"][name], rtol=0, atol=1e-3)
+        else:
+            np.testing.assert_array_equal(actual["arrays"][name], expected["arrays"][name], err_msg=name)
     assert actual["features"] == expected["features"]
+    np.testing.assert_allclose(actual["mean_probabilities"], expected["mean_probabilities"], rtol=0, atol=1e-3)
 
 
 def test_folder_search_finds_slides(tmp_path):
