@@ -1,8 +1,8 @@
 """Batch runs: finding slides, naming output folders, the status table, the report, serial runs.
 
-The runs here use a checkpoint with random weights at 8 um/px and 64 px tiles: the tests check
-the orchestration, and a model at that resolution takes a few seconds per slide on a 2-core CPU
-where the bundled one takes about a minute.
+The runs here use a checkpoint with random weights at 8 um/px and 64 px tiles, because the tests
+check the orchestration. At that resolution a slide takes a few seconds on a 2-core CPU, where
+the bundled model takes about a minute.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def read_status(out_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def result_content(output_dir: Path) -> dict:
-    """Return what a result says, without what differs between equal runs (ids, times, paths)."""
+    """Return a result's content, leaving out what differs between equal runs (ids, times, paths)."""
     import zarr
 
     geojson_path = next(output_dir.glob("*.geojson*"))
@@ -186,7 +186,7 @@ def test_colliding_names_are_distinct(tmp_path):
     assert all(name.startswith(("A-", "a-")) for name in names[1:4])
     assert names[4:6] == ["a.HE", "a.IHC"]
     assert names[6] == unicodedata.normalize("NFC", "évaluation lame 1")
-    assert names[7] != "batch_status.csv" and names[7].startswith("batch_status.csv-")
+    assert names[7].startswith("batch_status.csv-")
     assert len(names[8].encode()) <= 180
     for name in names:
         assert (out_dir / name).parent == out_dir
@@ -245,8 +245,8 @@ def test_serial_timeout_fails_one_slide(tmp_path, shared_data, coarse_model):
     slides.mkdir()
     shutil.copy(SAMPLE_SLIDE, slides / "big.svs")
     shutil.copy(shared_data / "fixtures" / "small.svs", slides / "small.svs")
-    # At a claimed 4 um/px the sample slide needs over 500 tiles, a minute or more here; the tiny
-    # slide takes about the model's load time.
+    # At a claimed 4 um/px the sample slide needs over 500 tiles, so it runs for a minute or more.
+    # The tiny slide takes about as long as loading the model.
     listing = slides / "list.csv"
     listing.write_text("path,mpp\nbig.svs,4.0\nsmall.svs,\n", encoding="utf-8")
     out_dir = tmp_path / "out"

@@ -99,7 +99,8 @@ def test_local_cluster_batch_isolates_failures(tmp_path, shared_data, coarse_mod
 
     report = (out_dir / "batch_report.html").read_text(encoding="utf-8")
     assert report.count('<tr class="') == 7
-    assert "http://" not in report and "https://" not in report
+    assert "http://" not in report
+    assert "https://" not in report
     assert (out_dir / "batch_thumbnails" / f"{SAMPLE_NAME}.png").exists()
 
     # A rerun skips every complete slide without starting a cluster.
@@ -235,7 +236,8 @@ def test_killed_worker_slide_reruns_elsewhere(tmp_path, coarse_model, serial_ref
     assert rows[killed_slide]["attempts"] == "2"
     log_text = (out_dir / rows[killed_slide]["log"]).read_text(encoding="utf-8")
     started_on = re.findall(r"started on (tcp://\S+)", log_text)
-    assert len(started_on) == 2 and started_on[0] != started_on[1]
+    assert len(started_on) == 2
+    assert started_on[0] != started_on[1]
     assert partial_dirs(out_dir) == []
     for name in ("a", "b", "c"):
         assert_same_results(serial_reference, out_dir / name)

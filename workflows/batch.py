@@ -256,8 +256,8 @@ def _row_from_future(future, job: SlideJob, tracker: _StartTracker) -> SlideStat
 def _expire(futures, tracker: _StartTracker, timeout_s: float, timed_out: set[str], client) -> list[SlideStatus]:
     """Fail the slides running longer than ``timeout_s`` and restart their workers.
 
-    A thread cannot be stopped from outside, so the worker is restarted; a worker without a nanny
-    cannot be restarted and keeps running the slide until it ends.
+    A thread cannot be stopped from outside, so the worker is restarted. A worker without a nanny
+    cannot be restarted, and it keeps running the slide until the slide ends.
     """
     rows = []
     now = time.monotonic()

@@ -142,8 +142,8 @@ def _start_local_cluster(n_workers: int | None, device: str, dashboard: bool) ->
 
 
 def _close_quietly(cluster: LocalCluster) -> None:
-    # A worker that has run torch often takes longer than the nanny's 4 s grace period to exit;
-    # the nanny then kills it and warns, which is harmless once the batch is over.
+    # A worker that has run torch may take longer than the nanny's 4 s grace period to exit. The
+    # nanny then kills it and warns, which is harmless once the batch is over.
     nanny_log = logging.getLogger("distributed.nanny")
     level = nanny_log.level
     nanny_log.setLevel(logging.ERROR)
@@ -168,6 +168,8 @@ def _existing_task_resources(client: Client, device: str) -> dict[str, float] | 
     if device == "cpu":
         return None
     workers = client.scheduler_info().get("workers", {}).values()
+    if not workers:
+        log.warning("the scheduler has no workers yet; the slides wait until workers connect")
     if any(GPU_RESOURCE in worker.get("resources", {}) for worker in workers):
         return {GPU_RESOURCE: 1}
     return None

@@ -2,9 +2,9 @@
 
 A slide's folder is named after its file (``pipeline.run.slide_output_name``: suffix removed,
 path separators and control characters replaced, no leading dot), normalized to Unicode NFC and
-cut to MAX_NAME_BYTES of UTF-8. Names that collide, compared case-insensitively because macOS
-and Windows file systems are, are told apart by a suffix made from a hash of the slide's path,
-so a slide keeps its name whatever else is in the batch. An existing output folder keeps the
+cut to MAX_NAME_BYTES of UTF-8. Names are compared case-insensitively, as macOS and Windows file
+systems compare them. Colliding names get a suffix made from a hash of the slide's path, so a
+slide keeps its name whatever else is in the batch. An existing output folder keeps the
 slide it was made from, recognised by its recorded path or fingerprint, even when a new
 colliding slide sorts first; a folder made from another slide is never reused.
 """

@@ -2,7 +2,7 @@
 
 The page loads nothing from the network. Thumbnails are small PNG copies of each slide's
 overlay.png in a folder beside the page, linked by relative paths, so the page stays small for
-thousands of slides; the sorting is a short inline script.
+thousands of slides. A short inline script sorts the table.
 """
 
 from __future__ import annotations

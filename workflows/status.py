@@ -22,7 +22,7 @@ SUCCESS_STATUSES = frozenset({"done", "skipped", "no_tissue"})
 
 @dataclass
 class SlideStatus:
-    """What happened to one slide in this batch."""
+    """The outcome of one slide in this batch: one row of the status table."""
 
     slide: str  # the slide's path as given
     output: str  # the output folder's name under the batch folder

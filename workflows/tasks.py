@@ -1,8 +1,8 @@
 """The per-slide task of a batch: runs on a dask worker, or in the batch process for a serial run.
 
-``process_slide`` never raises for a slide that fails: it returns a ``failed`` row with the
-reason and keeps the details, traceback included, in the slide's log file. Only the loss of the
-whole worker process (killed, out of memory) escapes it, and the batch handles that.
+``process_slide`` turns any Exception from a slide into a ``failed`` row with the reason, and
+keeps the details, traceback included, in the slide's log file. The loss of the whole worker
+process (killed, out of memory) is handled by the batch, which sees the task's worker vanish.
 """
 
 from __future__ import annotations
