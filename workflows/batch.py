@@ -216,18 +216,31 @@ class _StartTracker:
     """Start events from the workers: which worker runs which slide, since when, and how often."""
 
     def __init__(self):
-        self.starts: dict[str, list[tuple[float, str]]] = {}
+        self.starts: dict[str, list[tuple[float, float, str]]] = {}  # (monotonic, time.time(), worker)
 
     def on_event(self, event) -> None:
         _, message = event
-        self.starts.setdefault(message["output"], []).append((time.monotonic(), message["worker"]))
+        self.starts.setdefault(message["output"], []).append((time.monotonic(), time.time(), message["worker"]))
 
     def attempts(self, name: str) -> int:
         return len(self.starts.get(name, ()))
 
-    def latest(self, name: str) -> tuple[float, str] | None:
+    def latest(self, name: str) -> tuple[float, float, str] | None:
         starts = self.starts.get(name)
         return starts[-1] if starts else None
+
+    def failed_row(self, job: SlideJob, reason: str) -> SlideStatus:
+        """Build the row of a slide that failed outside its task, from what the events tell."""
+        name = job.settings.output_name
+        latest = self.latest(name)
+        first = self.starts[name][0] if latest else None
+        now = time.time()
+        return SlideStatus(
+            slide=str(job.slide_path), output=name, status="failed", reason=reason, log=job.log_name,
+            worker=latest[2] if latest else "", attempts=max(1, self.attempts(name)),
+            started=utc_iso(first[1]) if first else "", finished=utc_iso(now),
+            seconds=round(now - first[1], 3) if first else 0.0,
+        )
 
 
 def _row_from_future(future, job: SlideJob, tracker: _StartTracker) -> SlideStatus:
@@ -248,9 +261,7 @@ def _row_from_future(future, job: SlideJob, tracker: _StartTracker) -> SlideStat
     else:
         reason = f"the task ended as {future.status!r} (lost scheduler or cluster shut down)"
     log.error("%s: failed: %s", job.slide_path, reason)
-    latest = tracker.latest(name)
-    return SlideStatus(slide=str(job.slide_path), output=name, status="failed", reason=reason, log=job.log_name,
-                       worker=latest[1] if latest else "", attempts=attempts)
+    return tracker.failed_row(job, reason)
 
 
 def _expire(futures, tracker: _StartTracker, timeout_s: float, timed_out: set[str], client) -> list[SlideStatus]:
@@ -266,7 +277,7 @@ def _expire(futures, tracker: _StartTracker, timeout_s: float, timed_out: set[st
         if key in timed_out or future.done() or latest is None or now - latest[0] < timeout_s:
             continue
         timed_out.add(key)
-        worker = latest[1]
+        worker = latest[2]
         reason = f"timed out after {timeout_s:g} s"
         log.error("%s: %s on %s; restarting that worker", job.slide_path, reason, worker)
         future.cancel()
@@ -274,9 +285,7 @@ def _expire(futures, tracker: _StartTracker, timeout_s: float, timed_out: set[st
             client.restart_workers([worker])
         except Exception as error:  # a worker without a nanny, or already gone
             log.warning("could not restart worker %s after a timeout (%s); it finishes the slide in vain", worker, error)
-        rows.append(SlideStatus(slide=str(job.slide_path), output=job.settings.output_name, status="failed",
-                                reason=reason, log=job.log_name, worker=worker,
-                                attempts=tracker.attempts(job.settings.output_name)))
+        rows.append(tracker.failed_row(job, reason))
     return rows
 
 
