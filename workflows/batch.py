@@ -135,7 +135,7 @@ def plan_jobs(entries: list[SlideEntry], settings: RunSettings, out_dir: Path, t
 def split_complete(jobs: list[SlideJob], settings: RunSettings, force: bool) -> tuple[list[SlideStatus], list[SlideJob]]:
     """Split jobs into skipped rows (complete result with the same record) and jobs to run.
 
-    The check reads the checkpoint's header and each slide's fingerprint, not the model's weights,
+    The check hashes the checkpoint file and fingerprints each slide without loading the model,
     so a rerun of a finished batch does not start a cluster.
     """
     if force:
@@ -230,7 +230,7 @@ class _StartTracker:
         return starts[-1] if starts else None
 
     def failed_row(self, job: SlideJob, reason: str) -> SlideStatus:
-        """Build the row of a slide that failed outside its task, from what the events tell."""
+        """Build the row of a slide that failed outside its task, from the workers' start events."""
         name = job.settings.output_name
         latest = self.latest(name)
         first = self.starts[name][0] if latest else None
@@ -284,7 +284,7 @@ def _expire(futures, tracker: _StartTracker, timeout_s: float, timed_out: set[st
         try:
             client.restart_workers([worker])
         except Exception as error:  # a worker without a nanny, or already gone
-            log.warning("could not restart worker %s after a timeout (%s); it finishes the slide in vain", worker, error)
+            log.warning("could not restart worker %s after a timeout (%s); it keeps running the slide", worker, error)
         rows.append(tracker.failed_row(job, reason))
     return rows
 
