@@ -59,6 +59,7 @@ class RunSettings:
     min_area_um2: float = 0.0
     keep_tiles: bool = False
     overwrite: bool = False
+    output_name: str | None = None  # folder name under out_dir; None: slide_output_name(slide)
 
     def output_affecting(self, tile_size_px: int) -> dict[str, Any]:
         """Return the settings that change the outputs, so equal values let a result be reused."""
@@ -117,20 +118,14 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
     if settings.object_type not in OBJECT_TYPES:
         raise BadInputError(f"--object-type {settings.object_type!r} is not one of {', '.join(OBJECT_TYPES)}")
     fingerprint = slide_fingerprint(slide_path)
-    record = {
-        "settings": settings.output_affecting(tile_size_px),
-        "slide_fingerprint": fingerprint,
-        "model_sha256": loaded.sha256,
-        "package_version": __version__,
-    }
-    record_key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-    output_dir = Path(settings.out_dir) / slide_output_name(slide_path)
+    record, record_key = complete_record(settings, tile_size_px, fingerprint, loaded.sha256)
+    output_dir = Path(settings.out_dir) / (settings.output_name or slide_output_name(slide_path))
 
-    existing = _read_complete_record(output_dir)
+    existing = read_complete_record(output_dir)
     if existing is not None and existing.get("key") == record_key and not settings.overwrite:
         log.info("%s: complete result with the same settings exists in %s; skipped", slide_path, output_dir)
         slide.close()
-        return RunResult(slide_path, output_dir, "skipped", _read_summary(output_dir))
+        return RunResult(slide_path, output_dir, "skipped", read_summary(output_dir))
     if output_dir.exists() and not settings.overwrite:
         slide.close()
         raise BadInputError(
@@ -160,6 +155,19 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
         raise
     log.info("%s: outputs in %s (%.1f s)", slide_path, output_dir, timings["total_s"])
     return RunResult(slide_path, output_dir, summary["status"], summary)
+
+
+def complete_record(
+    settings: RunSettings, tile_size_px: int, fingerprint: str, model_sha256: str
+) -> tuple[dict[str, Any], str]:
+    """Return the COMPLETE record of a result and its key; equal keys mean a result can be reused."""
+    record = {
+        "settings": settings.output_affecting(tile_size_px),
+        "slide_fingerprint": fingerprint,
+        "model_sha256": model_sha256,
+        "package_version": __version__,
+    }
+    return record, hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress) -> dict:
@@ -290,7 +298,7 @@ def _make_work_dir(output_dir: Path) -> Path:
     parent = output_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_work_dirs(output_dir)
+        remove_stale_work_dirs(output_dir)
         work_dir = parent / f".{output_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         work_dir.mkdir()
     except PermissionError as error:
@@ -302,7 +310,7 @@ def _make_work_dir(output_dir: Path) -> Path:
     return work_dir
 
 
-def _remove_stale_work_dirs(output_dir: Path) -> None:
+def remove_stale_work_dirs(output_dir: Path) -> None:
     """Remove temporary folders of this slide left by runs whose process no longer exists."""
     for candidate in output_dir.parent.glob(f".{glob_escape(output_dir.name)}.partial-*"):
         match = re.search(r"\.partial-(\d+)-", candidate.name)
@@ -345,14 +353,15 @@ def _move_into_place(work_dir: Path, output_dir: Path) -> None:
         os.replace(work_dir, output_dir)
 
 
-def _read_complete_record(output_dir: Path) -> dict | None:
+def read_complete_record(output_dir: Path) -> dict | None:
+    """Return the COMPLETE record in ``output_dir``, or None when there is no readable one."""
     try:
         return json.loads((output_dir / COMPLETE_NAME).read_text())
     except (OSError, ValueError):
         return None
 
 
-def _read_summary(output_dir: Path) -> dict:
+def read_summary(output_dir: Path) -> dict:
     try:
         return json.loads((output_dir / SUMMARY_NAME).read_text())
     except (OSError, ValueError):

@@ -14,7 +14,7 @@ import sys
 
 from bcseg import __version__
 
-SUBCOMMANDS = ("run", "info", "train", "evaluate")
+SUBCOMMANDS = ("run", "batch", "info", "train", "evaluate")
 EXIT_OK, EXIT_INTERNAL_ERROR, EXIT_BAD_INPUT = 0, 1, 2
 
 log = logging.getLogger("bcseg")

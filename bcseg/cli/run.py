@@ -21,6 +21,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .mrxs, .tif, .dcm folder, .png, ...)")
     parser.add_argument("--out", type=Path, default=Path("outputs"), metavar="DIR", help="output folder (default: outputs)")
+    add_settings_options(parser)
+    parser.add_argument("--overwrite", action="store_true", help="redo the slide even if a complete result exists")
+    return parser
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that set RunSettings, shared by ``run`` and ``batch``."""
     parser.add_argument("--model", type=Path, default=None, metavar="PATH",
                         help="model checkpoint (.safetensors); default: the bundled demonstration model")
     parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
@@ -46,13 +53,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
                         help="drop regions smaller than this area in square microns (default: 0)")
     parser.add_argument("--keep-tiles", action="store_true", help="keep tiles.zarr in the output folder")
-    parser.add_argument("--overwrite", action="store_true", help="redo the slide even if a complete result exists")
-    return parser
 
 
 def execute(args: argparse.Namespace) -> int:
+    from pipeline.run import run_slide
+
+    settings = settings_from_args(args, overwrite=args.overwrite)
+    with StageBars(enabled=not args.quiet) as bars:
+        result = run_slide(args.slide, settings, progress=bars.update)
+
+    summary = result.summary
+    if result.status == "skipped":
+        print(f"{result.slide_path}: skipped, a complete result with the same settings is in {result.output_dir}")
+        return 0
+    print(f"{result.slide_path}: {result.status} -> {result.output_dir}")
+    for name, values in summary.get("classes", {}).items():
+        print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
+    if "timings_s" in summary:
+        print(f"  time: {summary['timings_s'].get('total_s', 0):.1f} s")
+    return 0
+
+
+def settings_from_args(args: argparse.Namespace, **overrides):
+    """Check the options added by add_settings_options and build RunSettings from them.
+
+    Raises BadInputError for a value out of range, before any slide is read.
+    """
     from bcseg.errors import BadInputError
-    from pipeline.run import RunSettings, run_slide
+    from pipeline.run import RunSettings
 
     for option, value, minimum in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
                                    ("--overlap", args.overlap, 0)):
@@ -66,7 +94,7 @@ def execute(args: argparse.Namespace) -> int:
         if not value >= 0:
             raise BadInputError(f"{option} must be 0 or more, got {value}")
 
-    settings = RunSettings(
+    return RunSettings(
         out_dir=args.out,
         model_path=args.model,
         device=args.device,
@@ -82,21 +110,8 @@ def execute(args: argparse.Namespace) -> int:
         simplify_um=args.simplify,
         min_area_um2=args.min_area,
         keep_tiles=args.keep_tiles,
-        overwrite=args.overwrite,
+        **overrides,
     )
-    with StageBars(enabled=not args.quiet) as bars:
-        result = run_slide(args.slide, settings, progress=bars.update)
-
-    summary = result.summary
-    if result.status == "skipped":
-        print(f"{result.slide_path}: skipped, a complete result with the same settings is in {result.output_dir}")
-        return 0
-    print(f"{result.slide_path}: {result.status} -> {result.output_dir}")
-    for name, values in summary.get("classes", {}).items():
-        print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
-    if "timings_s" in summary:
-        print(f"  time: {summary['timings_s'].get('total_s', 0):.1f} s")
-    return 0
 
 
 class StageBars:
