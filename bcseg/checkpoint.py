@@ -61,6 +61,12 @@ class ModelInfo:
     stain_normalization: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def image_pooling_px(self) -> int | None:
+        """Window of the ASPP image pooling at inference: the training patch side, when the recipe records it."""
+        patch = (self.provenance.get("recipe") or {}).get("tile_size")
+        return int(patch) if patch else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
@@ -186,7 +192,7 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
         ) from error
     state = _dequantize(tensors) if encoding == "int8-per-channel" else tensors
 
-    model = build_model(info.architecture, info.num_classes)
+    model = build_model(info.architecture, info.num_classes, info.image_pooling_px)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

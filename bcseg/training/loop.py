@@ -277,10 +277,12 @@ class _Run:
                 raise BadInputError(
                     f"{config.init_from}: checkpoint was trained at {loaded.info.mpp} um/px but --mpp is {config.mpp}"
                 )
-            model = loaded.model
+            # The image pooling window follows this run's patch size, not the checkpoint's.
+            model = build_model(ARCHITECTURE, image_pooling_px=config.tile_size)
+            model.load_state_dict(loaded.model.state_dict())
             log.info("starting from the weights of %s", config.init_from)
         else:
-            model = build_model(ARCHITECTURE)
+            model = build_model(ARCHITECTURE, image_pooling_px=config.tile_size)
             if config.backbone_weights is not None:
                 load_backbone_weights(model, config.backbone_weights)
         if config.freeze_backbone:
