@@ -144,9 +144,12 @@ def _openslide_misreads(path: Path) -> bool:
             page = tiff.pages.first
             # OpenSlide reads only top-level tiled pages, so it misses SubIFD pyramids. It also
             # converts grayscale and 16-bit pages to RGB silently, where the tifffile backend
-            # rejects them with a message.
+            # rejects them with a message. In a sparse TIFF, the tifffile backend skips the tiles
+            # the file leaves out, where OpenSlide composites them as transparent pixels, which
+            # takes minutes for a large slide.
             rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) and page.dtype == "uint8"
-            return bool(tiff.is_ome or page.subifds or not page.is_tiled or not rgb)
+            sparse = 0 in page.databytecounts
+            return bool(tiff.is_ome or page.subifds or not page.is_tiled or not rgb or sparse)
     except tifffile.TiffFileError:
         return False
 

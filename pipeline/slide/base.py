@@ -20,6 +20,10 @@ import numpy as np
 LEVEL_TOLERANCE = 1e-3
 # Level pixels read in one piece by read_region_at_mpp; larger requests are done in row bands.
 MAX_READ_PIXELS = 4096 * 4096
+# From this many level pixels per output pixel on, read_region_at_mpp first averages boxes of whole
+# level pixels, so that a large reduction (a slide without a coarse level) is not done by Gaussian
+# smoothing of every level pixel in float32, which is many times slower.
+MIN_BOX_REDUCTION = 3.0
 
 
 class Slide(ABC):
@@ -65,6 +69,14 @@ class Slide(ABC):
         if lv_x0 >= lv_x1 or lv_y0 >= lv_y1:
             return canvas, None
         return canvas, (lv_x0, lv_y0, lv_x1, lv_y1)
+
+    def is_region_unstored(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> bool:
+        """Tell whether the file stores no pixels for a region of level pixels, so it reads as white.
+
+        Sparse TIFF files leave background tiles out. The default, for backends that cannot tell,
+        is False.
+        """
+        return False
 
     def close(self) -> None:
         """Release file handles; the default has none."""
@@ -130,17 +142,30 @@ def composite_on_white(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:
     "associated alpha") and False when not (openslide-python's and PIL's RGBA, TIFF
     "unassociated alpha").
     """
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if np.all(alpha == 255):
-        return np.ascontiguousarray(rgb)
-    rgb = rgb.astype(np.uint32)
-    alpha = alpha.astype(np.uint32)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    alpha = np.ascontiguousarray(rgba[..., 3])
+    if alpha.min() == 255:
+        return rgb
+    if alpha.max() == 0:
+        return np.full(rgb.shape, 255, dtype=np.uint8)
+    # cv2's saturating uint8 arithmetic, because the same sums in uint32 numpy take seconds for
+    # the row bands of a large slide.
+    alpha = cv2.merge([alpha, alpha, alpha])
     if premultiplied:
-        white_part = 255 - alpha
-        return np.minimum(rgb + white_part, 255).astype(np.uint8)
-    # (rgb * alpha + 255 * (255 - alpha)) / 255, rounded to nearest.
-    return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+        return cv2.add(rgb, cv2.bitwise_not(alpha))
+    # rgb * alpha + 255 * (1 - alpha) with alpha in 0-1 is 255 - (255 - rgb) * alpha, and
+    # cv2.multiply rounds to nearest. Exact halves cannot occur because 255 is odd.
+    return cv2.bitwise_not(cv2.multiply(cv2.bitwise_not(rgb), alpha, scale=1 / 255))
+
+
+def box_factor(lv_per_px: float) -> int:
+    """Level pixels per side of the boxes averaged before resampling; 1 for no box averaging.
+
+    The boxes leave between 1 and 1.34 box pixels per output pixel for the Gaussian resampling.
+    """
+    if lv_per_px < MIN_BOX_REDUCTION:
+        return 1
+    return math.floor(lv_per_px)
 
 
 def _resample_from_level(slide: Slide, level: int, lv_per_px: float, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -148,30 +173,42 @@ def _resample_from_level(slide: Slide, level: int, lv_per_px: float, x: int, y: 
     # Exact cases: same grid (a crop), or an integer box of level pixels per output pixel.
     factor = round(lv_per_px)
     if factor >= 1 and abs(lv_per_px - factor) < 1e-9:
+        if slide.is_region_unstored(level, x * factor, y * factor, width * factor, height * factor):
+            return np.full((height, width, 3), 255, dtype=np.uint8)
         pixels = slide.read_level_region(level, x * factor, y * factor, width * factor, height * factor)
         if factor == 1:
             return pixels
         boxes = pixels.reshape(height, factor, width, factor, 3).astype(np.float32)
         return np.round(boxes.mean(axis=(1, 3))).astype(np.uint8)
 
-    # General case: Gaussian smoothing against aliasing when shrinking, then bilinear sampling at
-    # each output pixel's centre. The margin covers the smoothing kernel and the interpolation.
-    sigma = max(0.0, (lv_per_px - 1.0) / 2.0)
+    # General case. For a large reduction, the level is first averaged in boxes of ``box`` level
+    # pixels on a grid anchored at the level's origin, which acts as a coarser virtual level;
+    # ``vl_`` is that virtual level's frame. Then Gaussian smoothing against aliasing when
+    # shrinking, and bilinear sampling at each output pixel's centre. The margin covers the
+    # smoothing kernel and the interpolation.
+    box = box_factor(lv_per_px)
+    vl_per_px = lv_per_px / box
+    sigma = max(0.0, (vl_per_px - 1.0) / 2.0)
     margin = int(math.ceil(3 * sigma)) + 2
-    lv_x0 = math.floor(x * lv_per_px) - margin
-    lv_y0 = math.floor(y * lv_per_px) - margin
-    lv_x1 = math.ceil((x + width) * lv_per_px) + margin
-    lv_y1 = math.ceil((y + height) * lv_per_px) + margin
-    pixels = slide.read_level_region(level, lv_x0, lv_y0, lv_x1 - lv_x0, lv_y1 - lv_y0)
+    vl_x0 = math.floor(x * vl_per_px) - margin
+    vl_y0 = math.floor(y * vl_per_px) - margin
+    vl_x1 = math.ceil((x + width) * vl_per_px) + margin
+    vl_y1 = math.ceil((y + height) * vl_per_px) + margin
+    lv_box = (vl_x0 * box, vl_y0 * box, (vl_x1 - vl_x0) * box, (vl_y1 - vl_y0) * box)
+    if slide.is_region_unstored(level, *lv_box):
+        return np.full((height, width, 3), 255, dtype=np.uint8)
+    pixels = slide.read_level_region(level, *lv_box)
+    if box > 1:
+        pixels = _box_average(pixels, box)
     if sigma > 0.1:
         pixels = cv2.GaussianBlur(pixels.astype(np.float32), (0, 0), sigmaX=sigma, sigmaY=sigma)
 
-    # Output pixel centre (col + 0.5) maps to level coordinate (x + col + 0.5) * lv_per_px, whose
-    # index in ``pixels`` (centres at integers) is that minus 0.5 minus lv_x0.
+    # Output pixel centre (col + 0.5) maps to virtual level coordinate (x + col + 0.5) *
+    # vl_per_px, whose index in ``pixels`` (centres at integers) is that minus 0.5 minus vl_x0.
     transform = np.array(
         [
-            [lv_per_px, 0.0, (x + 0.5) * lv_per_px - 0.5 - lv_x0],
-            [0.0, lv_per_px, (y + 0.5) * lv_per_px - 0.5 - lv_y0],
+            [vl_per_px, 0.0, (x + 0.5) * vl_per_px - 0.5 - vl_x0],
+            [0.0, vl_per_px, (y + 0.5) * vl_per_px - 0.5 - vl_y0],
         ]
     )
     resampled = cv2.warpAffine(
@@ -184,3 +221,11 @@ def _resample_from_level(slide: Slide, level: int, lv_per_px: float, x: int, y: 
     if resampled.dtype != np.uint8:
         resampled = np.clip(np.round(resampled), 0, 255).astype(np.uint8)
     return resampled
+
+
+def _box_average(pixels: np.ndarray, box: int) -> np.ndarray:
+    """Average RGB uint8 pixels in ``box`` x ``box`` blocks; both sides must be multiples of ``box``."""
+    rows, cols = pixels.shape[0] // box, pixels.shape[1] // box
+    # cv2's area interpolation with an integer factor is the exact block mean, rounded, and much
+    # faster than a float reshape and mean.
+    return cv2.resize(pixels, (cols, rows), interpolation=cv2.INTER_AREA)
