@@ -29,12 +29,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
-def open_slide(path: str | Path, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(
+    path: str | Path, mpp: float | None = None, backend: str | None = None, fill_bad_tiles: bool = False
+) -> Slide:
     """Open a whole-slide image, a DICOM slide folder or a plain RGB image.
 
     ``mpp`` (microns per level-0 pixel) overrides the resolution in the metadata and is required
     when there is none. ``backend`` forces ``"openslide"``, ``"tifffile"`` or ``"image"``;
-    None chooses one as the module docstring describes.
+    None chooses one as the module docstring describes. ``fill_bad_tiles`` makes stored tiles
+    that fail to decode read as white background, listed in ``Slide.bad_tiles``, instead of
+    raising TileDecodeError.
 
     Raises BadInputError, with a message naming the path, when the file is missing, unreadable,
     empty, not a slide, in a pixel format or compression that cannot be decoded, or without a
@@ -43,10 +47,10 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str | None =
     path = Path(path)
     _check_readable(path)
     if backend is None:
-        return _open_detected(path, mpp)
+        return _open_detected(path, mpp, fill_bad_tiles)
     if backend not in BACKENDS:
         raise ValueError(f"unknown slide backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return _backend_class(backend)(path, mpp=mpp)
+    return _backend_class(backend)(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
 
 
 def choose_backend(path: Path) -> str:
@@ -69,22 +73,22 @@ def choose_backend(path: Path) -> str:
     )
 
 
-def _open_detected(path: Path, mpp: float | None) -> Slide:
+def _open_detected(path: Path, mpp: float | None, fill_bad_tiles: bool) -> Slide:
     backend = choose_backend(path)
     if backend != "openslide" or path.is_dir() or not _is_tiff(path):
-        return _backend_class(backend)(path, mpp=mpp)
+        return _backend_class(backend)(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
 
     # A TIFF that OpenSlide fails to open (an unusual compression or layout) may still open in
     # tifffile. When both fail, tifffile's message is the more specific one for a generic TIFF,
     # and OpenSlide's for a vendor format.
     try:
-        return _backend_class("openslide")(path, mpp=mpp)
+        return _backend_class("openslide")(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
     except BadInputError as openslide_error:
         if not _is_openslide_open_failure(openslide_error):
             raise
         log.info("%s: OpenSlide failed (%s); trying tifffile", path, openslide_error.__cause__)
         try:
-            return _backend_class("tifffile")(path, mpp=mpp)
+            return _backend_class("tifffile")(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
         except BadInputError:
             if _openslide_format(path) == "generic-tiff":
                 raise

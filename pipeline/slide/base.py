@@ -8,12 +8,19 @@ Frames: ``l0_`` is level-0 pixels of the slide, ``lv_`` pixels of one pyramid le
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
+
+from bcseg.errors import TileDecodeError
+
+log = logging.getLogger(__name__)
 
 # A level whose downsample exceeds the needed one by at most this fraction still serves it, so a
 # level at 4.00015 is used for a target of 4.0.
@@ -41,6 +48,10 @@ class Slide(ABC):
     vendor: str
     properties: dict[str, str]
     associated_image_names: tuple[str, ...]
+    # False: a tile that fails to decode raises TileDecodeError. True: it reads as white
+    # background and is listed in ``bad_tiles``.
+    fill_bad_tiles: bool = False
+    _bad_tile_lock = threading.Lock()
 
     @abstractmethod
     def read_level_region(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> np.ndarray:
@@ -69,6 +80,60 @@ class Slide(ABC):
         if lv_x0 >= lv_x1 or lv_y0 >= lv_y1:
             return canvas, None
         return canvas, (lv_x0, lv_y0, lv_x1, lv_y1)
+
+    @property
+    def bad_tiles(self) -> list[tuple[int, int, int, int]]:
+        """Tiles filled as background because they failed to decode: sorted level-0 (x, y, width, height)."""
+        with self._bad_tile_lock:
+            return sorted(self.__dict__.get("_bad_tiles", ()))
+
+    def _decode_or_fill(
+        self,
+        level: int,
+        lv_box: tuple[int, int, int, int],
+        tile_size: tuple[int, int],
+        decode: Callable[[int, int, int, int], np.ndarray],
+    ) -> np.ndarray:
+        """Decode level pixels ``lv_box = (x0, y0, x1, y1)`` with ``decode(x0, y0, x1, y1)``.
+
+        When that raises TileDecodeError and ``fill_bad_tiles`` is set, the box is decoded again
+        one stored tile of ``tile_size = (width, height)`` level pixels at a time, and each tile
+        that fails reads as white and is recorded in ``bad_tiles``.
+        """
+        try:
+            return decode(*lv_box)
+        except TileDecodeError:
+            if not self.fill_bad_tiles:
+                raise
+
+        lv_x0, lv_y0, lv_x1, lv_y1 = lv_box
+        tile_width, tile_height = tile_size
+        pixels = np.full((lv_y1 - lv_y0, lv_x1 - lv_x0, 3), 255, dtype=np.uint8)
+        for tile_y in range(lv_y0 // tile_height * tile_height, lv_y1, tile_height):
+            for tile_x in range(lv_x0 // tile_width * tile_width, lv_x1, tile_width):
+                x0, y0 = max(tile_x, lv_x0), max(tile_y, lv_y0)
+                x1, y1 = min(tile_x + tile_width, lv_x1), min(tile_y + tile_height, lv_y1)
+                try:
+                    pixels[y0 - lv_y0 : y1 - lv_y0, x0 - lv_x0 : x1 - lv_x0] = decode(x0, y0, x1, y1)
+                except TileDecodeError as error:
+                    self._record_bad_tile(level, tile_x, tile_y, tile_width, tile_height, error)
+        return pixels
+
+    def _record_bad_tile(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int, error: Exception) -> None:
+        # The recorded box is the tile's part inside the level, in level-0 pixels.
+        level_width, level_height = self.level_dimensions[level]
+        lv_width, lv_height = min(lv_width, level_width - lv_x), min(lv_height, level_height - lv_y)
+        downsample = self.level_downsamples[level]
+        l0_box = (round(lv_x * downsample), round(lv_y * downsample), round(lv_width * downsample), round(lv_height * downsample))
+        with self._bad_tile_lock:
+            bad_tiles = self.__dict__.setdefault("_bad_tiles", set())
+            if l0_box in bad_tiles:
+                return
+            bad_tiles.add(l0_box)
+        log.warning(
+            "%s: tile at level-0 (x=%d, y=%d), %d x %d px, failed to decode and is filled as background: %s",
+            self.path, *l0_box, error.__cause__ or error,
+        )
 
     def is_region_unstored(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> bool:
         """Tell whether the file stores no pixels for a region of level pixels, so it reads as white.
@@ -133,6 +198,38 @@ class Slide(ABC):
             for row in range(0, height, band_rows)
         ]
         return np.concatenate(bands, axis=0)
+
+
+def consistent_levels(level_dimensions: tuple[tuple[int, int], ...]) -> list[int]:
+    """Return the indices of the levels that shrink width and height by the same factor.
+
+    A level passes when its width, predicted from level 0 and the level's height ratio, is within
+    one pixel plus 1 % of the real width, and the same with the axes swapped. Writers round level
+    sizes either way, so an exact ratio is not required. A thumbnail or label image stored as a
+    reduced page has another aspect ratio and fails, because reading it as a level would put
+    its pixels in the wrong places.
+    """
+    l0_width, l0_height = level_dimensions[0]
+    kept = [0]
+    for level, (width, height) in enumerate(level_dimensions[1:], start=1):
+        predicted_width = l0_width * height / l0_height
+        predicted_height = l0_height * width / l0_width
+        if abs(predicted_width - width) <= 1 + 0.01 * width and abs(predicted_height - height) <= 1 + 0.01 * height:
+            kept.append(level)
+    return kept
+
+
+def tile_decode_error(slide: Slide, level: int, lv_box: tuple[int, int, int, int], error: Exception) -> TileDecodeError:
+    """Make the TileDecodeError for level pixels ``lv_box = (x0, y0, x1, y1)`` that failed to decode."""
+    lv_x0, lv_y0, lv_x1, lv_y1 = lv_box
+    downsample = slide.level_downsamples[level]
+    l0_box = (round(lv_x0 * downsample), round(lv_y0 * downsample), round((lv_x1 - lv_x0) * downsample), round((lv_y1 - lv_y0) * downsample))
+    return TileDecodeError(
+        f"{slide.path}: pixels at level-0 (x={l0_box[0]}, y={l0_box[1]}), {l0_box[2]} x {l0_box[3]} px "
+        f"(level {level}), failed to decode: {error}. The slide file is damaged there; re-export or "
+        "re-scan it, or pass --fill-bad-tiles to treat tiles that fail to decode as background",
+        l0_box,
+    )
 
 
 def composite_on_white(rgba: np.ndarray, premultiplied: bool) -> np.ndarray:

@@ -18,8 +18,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from bcseg.errors import BadInputError
-from pipeline.slide.base import Slide, composite_on_white
+from bcseg.errors import BadInputError, TileDecodeError
+from pipeline.slide.base import Slide, composite_on_white, tile_decode_error
 from pipeline.slide.resolution import (
     MetadataResolution,
     mpp_from_aperio_description,
@@ -49,9 +49,10 @@ class TiffFileBackend(Slide):
     XResolution/YResolution tags with their ResolutionUnit.
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, mpp: float | None = None, fill_bad_tiles: bool = False) -> None:
         self.path = Path(path)
         self._mpp_override = mpp
+        self.fill_bad_tiles = fill_bad_tiles
         try:
             self._tiff = tifffile.TiffFile(self.path)
         except tifffile.TiffFileError as error:
@@ -155,7 +156,10 @@ class TiffFileBackend(Slide):
             return region
         lv_x0, lv_y0, lv_x1, lv_y1 = inside
 
-        pixels = self._read_inside(level, lv_x0, lv_y0, lv_x1, lv_y1)
+        array, axes = self._levels[level], self._axes[level]
+        tile_size = (array.chunks[axes.index("X")], array.chunks[axes.index("Y")])
+        decode = lambda x0, y0, x1, y1: self._read_inside(level, x0, y0, x1, y1)  # noqa: E731
+        pixels = self._decode_or_fill(level, inside, tile_size, decode)
         region[lv_y0 - lv_y : lv_y1 - lv_y, lv_x0 - lv_x : lv_x1 - lv_x] = pixels
         return region
 
@@ -178,10 +182,7 @@ class TiffFileBackend(Slide):
         try:
             pixels = self._levels[level][tuple(selection)]
         except DECODE_ERRORS as error:
-            raise BadInputError(
-                f"{self.path}: decoding level {level} pixels ({lv_x0}, {lv_y0}) to ({lv_x1}, {lv_y1}) "
-                f"failed: {error}. The slide file is probably damaged"
-            ) from error
+            raise tile_decode_error(self, level, (lv_x0, lv_y0, lv_x1, lv_y1), error) from error
 
         pixels = np.transpose(pixels, [kept_axes.index(axis) for axis in "YX"] + [i for i, axis in enumerate(kept_axes) if axis in "SC"])
         if self._alpha_mode is None:
@@ -193,7 +194,7 @@ class TiffFileBackend(Slide):
 
     def __reduce__(self):
         # Reopen by path in another process (dask workers), instead of pickling the file handle.
-        return (type(self), (self.path, self._mpp_override))
+        return (type(self), (self.path, self._mpp_override, self.fill_bad_tiles))
 
 
 def _check_pixel_format(path: Path, series: tifffile.TiffPageSeries, page: tifffile.TiffPage) -> int | None:
