@@ -46,6 +46,8 @@ def open_slide(
     """
     path = Path(path)
     _check_readable(path)
+    if path.is_file() and _is_tiff(path):
+        _check_tiff_complete(path)
     if backend is None:
         return _open_detected(path, mpp, fill_bad_tiles)
     if backend not in BACKENDS:
@@ -132,6 +134,35 @@ def _check_readable(path: Path) -> None:
         raise BadInputError(f"{path}: the slide cannot be read ({error.strerror or error})") from error
     if not first_byte:
         raise BadInputError(f"{path}: the file is empty (0 bytes); the copy or download probably failed")
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """Raise BadInputError for a TIFF file cut short: no image directory, or image data past its end.
+
+    Files that tifffile cannot parse at all pass, so that the backends report them.
+    """
+    import tifffile
+
+    file_bytes = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            pages = list(tiff.pages)
+            data_end = max(
+                (offset + count for page in pages for offset, count in zip(page.dataoffsets, page.databytecounts) if count),
+                default=0,
+            )
+    except Exception:  # noqa: BLE001 - damaged files raise many kinds; the backends report them
+        return
+    if not pages:
+        raise BadInputError(
+            f"{path}: the TIFF file has no readable image directory ({file_bytes} bytes); it is truncated or "
+            "damaged. Copy or download it again"
+        )
+    if data_end > file_bytes:
+        raise BadInputError(
+            f"{path}: the file is truncated: its image data runs to byte {data_end} but the file has only "
+            f"{file_bytes} bytes. Copy or download it again"
+        )
 
 
 def _is_tiff(path: Path) -> bool:

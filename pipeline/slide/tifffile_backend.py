@@ -62,11 +62,24 @@ class TiffFileBackend(Slide):
         try:
             self._open_levels()
             self._read_metadata(mpp)
+        except BadInputError:
+            self._tiff.close()
+            raise
+        except Exception as error:
+            # tifffile raises many kinds of exception (IndexError, KeyError, ValueError, struct.error)
+            # on damaged structures, and none of them is a bug here.
+            self._tiff.close()
+            raise BadInputError(
+                f"{self.path}: the TIFF structure cannot be read ({type(error).__name__}: {error}); the "
+                "file is damaged or not a slide"
+            ) from error
         except BaseException:
             self._tiff.close()
             raise
 
     def _open_levels(self) -> None:
+        if not self._tiff.series:
+            raise BadInputError(f"{self.path}: the TIFF file contains no image; it is truncated or damaged")
         series = self._tiff.series[0]
         page = series.levels[0].keyframe
         self._alpha_mode = _check_pixel_format(self.path, series, page)
