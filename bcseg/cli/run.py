@@ -51,7 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="treat stored tiles that fail to decode as background instead of failing; the "
                         "result is marked partial and summary.json lists the tiles")
     parser.add_argument("--allow-upsample", action="store_true",
-                        help="run a slide more than 1.5 times coarser than the model's resolution, "
+                        help="run a slide more than 2 times coarser than the model's resolution, "
                         "enlarging it, with a warning (default: reject it)")
     return parser
 

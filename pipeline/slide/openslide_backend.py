@@ -96,16 +96,24 @@ class OpenSlideBackend(Slide):
         # openslide takes the location in level-0 pixels and the size in level pixels.
         downsample = self.level_downsamples[level]
         l0_location = (round(lv_x * downsample), round(lv_y * downsample))
+        openslide_level = self._openslide_levels[level]
         osr = self._osr
         try:
-            region = osr.read_region(l0_location, self._openslide_levels[level], (lv_width, lv_height))
-        except openslide.OpenSlideError as error:
-            # After an error an OpenSlide handle fails every later call, so the next read gets a
-            # new one.
+            region = osr.read_region(l0_location, openslide_level, (lv_width, lv_height))
+        except openslide.OpenSlideError:
+            # After an error an OpenSlide handle fails every later call, in every thread, so the
+            # shared handle is replaced. The read is retried on a private handle, because the
+            # error may have come from another thread's read.
             with self._reopen_lock:
                 if self._osr is osr:
                     self._osr = _open(self.path)
-            raise tile_decode_error(self, level, (lv_x, lv_y, lv_x + lv_width, lv_y + lv_height), error) from error
+            private = _open(self.path)
+            try:
+                region = private.read_region(l0_location, openslide_level, (lv_width, lv_height))
+            except openslide.OpenSlideError as error:
+                raise tile_decode_error(self, level, (lv_x, lv_y, lv_x + lv_width, lv_y + lv_height), error) from error
+            finally:
+                private.close()
         # openslide-python returns non-premultiplied RGBA, transparent where nothing was scanned.
         return composite_on_white(np.asarray(region), premultiplied=False)
 

@@ -28,9 +28,9 @@ MIN_PLAUSIBLE_MPP = 0.05
 MAX_PLAUSIBLE_MPP = 100.0
 # Largest relative difference between x and y resolution accepted as square pixels.
 MAX_XY_MISMATCH = 0.01
-# Largest ratio of slide mpp to model mpp run without --allow-upsample: a 20x scan at 0.75 microns
-# per pixel still runs with a 0.5 model, a 10x scan at 1 micron per pixel does not.
-MAX_UPSAMPLE = 1.5
+# Largest ratio of slide mpp to model mpp run without --allow-upsample: a 10x scan at 1 micron per
+# pixel still runs with a 0.5 model, a 5x scan at 2 microns per pixel does not.
+MAX_UPSAMPLE = 2.0
 
 # TIFF ResolutionUnit values: 1 none, 2 inch, 3 centimeter.
 MICRONS_PER_TIFF_UNIT = {2: 25_400.0, 3: 10_000.0}
