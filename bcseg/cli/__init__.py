@@ -48,6 +48,9 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     # Libraries that log at INFO by default drown ours; keep them at WARNING unless -vv.
     for noisy in ("distributed", "numcodecs", "PIL", "zarr", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # tifffile logs ERROR for each damaged tag it skips; the slide readers turn what matters into
+    # one BadInputError, so those lines show only with -v.
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

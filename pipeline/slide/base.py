@@ -96,15 +96,15 @@ class Slide(ABC):
     ) -> np.ndarray:
         """Decode level pixels ``lv_box = (x0, y0, x1, y1)`` with ``decode(x0, y0, x1, y1)``.
 
-        When that raises TileDecodeError and ``fill_bad_tiles`` is set, the box is decoded again
-        one stored tile of ``tile_size = (width, height)`` level pixels at a time, and each tile
+        When that raises TileDecodeError, the box is decoded again one stored tile of
+        ``tile_size = (width, height)`` level pixels at a time. Without ``fill_bad_tiles`` the
+        first tile that fails raises, so the message gives that tile's place. With it, each tile
         that fails reads as white and is recorded in ``bad_tiles``.
         """
         try:
             return decode(*lv_box)
-        except TileDecodeError:
-            if not self.fill_bad_tiles:
-                raise
+        except TileDecodeError as error:
+            box_error = error
 
         lv_x0, lv_y0, lv_x1, lv_y1 = lv_box
         tile_width, tile_height = tile_size
@@ -116,7 +116,11 @@ class Slide(ABC):
                 try:
                     pixels[y0 - lv_y0 : y1 - lv_y0, x0 - lv_x0 : x1 - lv_x0] = decode(x0, y0, x1, y1)
                 except TileDecodeError as error:
+                    if not self.fill_bad_tiles:
+                        raise
                     self._record_bad_tile(level, tile_x, tile_y, tile_width, tile_height, error)
+        if not self.fill_bad_tiles:
+            raise box_error  # every tile decodes alone, so report the failed box as it was read
         return pixels
 
     def _record_bad_tile(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int, error: Exception) -> None:

@@ -54,7 +54,7 @@ class OpenSlideBackend(Slide):
             )
         self.level_dimensions = tuple(openslide_dimensions[i] for i in self._openslide_levels)
         self.level_downsamples = tuple(float(self._osr.level_downsamples[i]) for i in self._openslide_levels)
-        self.properties = dict(self._osr.properties)
+        self.properties = _readable_properties(self.path, self._osr)
         self.vendor = self.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
         self.associated_image_names = tuple(sorted(self._osr.associated_images))
         try:
@@ -130,6 +130,21 @@ class OpenSlideBackend(Slide):
     def __reduce__(self):
         # Reopen by path in another process (dask workers), instead of pickling the C handle.
         return (type(self), (self.path, self._mpp_override, self.fill_bad_tiles))
+
+
+def _readable_properties(path: Path, osr: openslide.OpenSlide) -> dict[str, str]:
+    """Copy OpenSlide's properties, skipping names that do not survive decoding as UTF-8.
+
+    openslide-python decodes a damaged name with replacement characters and then cannot look
+    it up (KeyError), so ``dict(osr.properties)`` fails on such a file.
+    """
+    properties = {}
+    for name in osr.properties:
+        try:
+            properties[name] = osr.properties[name]
+        except KeyError:
+            log.warning("%s: ignoring a slide property whose name is not valid UTF-8: %r", path, name)
+    return properties
 
 
 def _grid_blocks(lv_x0: int, lv_y0: int, lv_x1: int, lv_y1: int, size: int) -> list[tuple[int, int, int, int]]:
