@@ -101,7 +101,8 @@ def run_fuzz_cases(tmp_path: Path, seeds: list[bytes], seed_indices: range, max_
     case()
     # Both outcomes occur, so the mutations neither miss the structure nor break every file.
     assert sum(outcomes.values()) >= max_examples
-    assert outcomes["read"] > 0 and outcomes["BadInputError"] > 0, outcomes
+    assert outcomes["read"] > 0, outcomes
+    assert outcomes["BadInputError"] > 0, outcomes
     print(f"{max_examples} cases: {outcomes}")
 
 

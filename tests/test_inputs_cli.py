@@ -300,8 +300,8 @@ def test_each_file_problem_has_its_own_message(shared_data, tmp_path, capsys, mo
         "missing": (tmp_path / "missing.svs", r"missing\.svs: slide not found"),
         "permission": (locked, r"locked\.svs: permission denied; the slide cannot be read by this user"),
     }
-    # These tests run as root in CI, and root reads any file, so the kernel's answer to another
-    # user (EACCES from open) is simulated for this one path.
+    # These tests run as root in CI, and root reads any file, so the error the kernel returns to
+    # another user (EACCES from open) is simulated for this one path.
     real_open = Path.open
 
     def open_as_other_user(self, *args, **kwargs):
@@ -317,7 +317,8 @@ def test_each_file_problem_has_its_own_message(shared_data, tmp_path, capsys, mo
         exit_code, _, err = run_cli(capsys, path, out_dir)
         assert_clean_error(exit_code, err, out_dir)
         assert re.search(pattern, err), f"{case}: {err}"
-        assert "resolution" not in err and "--mpp" not in err, case
+        assert "resolution" not in err, case
+        assert "--mpp" not in err, case
         messages[case] = err
     assert len(set(messages.values())) == len(cases)
 
@@ -450,7 +451,8 @@ def test_slide_content_cannot_move_outputs(tmp_path, capsys):
     assert sorted(path.name for path in out_dir.iterdir()) == ["-rf $(touch pwned)", "a;b`c`", "slide"]
     created = sorted(set(str(path) for path in tmp_path.rglob("*")) - set(before))
     assert all(path.startswith(str(tmp_path / "deep")) for path in created), created
-    assert not (REPO / "pwned").exists() and not Path("pwned").exists()
+    assert not (REPO / "pwned").exists()
+    assert not Path("pwned").exists()
 
 
 def test_no_shell_used_for_paths():

@@ -50,7 +50,10 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     # tifffile logs ERROR for each damaged tag it skips; the slide readers turn what matters into
     # one BadInputError, so those lines show only with -v.
-    logging.getLogger("tifffile").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING if verbose else logging.CRITICAL)
+    tifffile_level = logging.CRITICAL
+    if verbose:
+        tifffile_level = logging.DEBUG if verbose >= 2 else logging.WARNING
+    logging.getLogger("tifffile").setLevel(tifffile_level)
 
 
 def main(argv: list[str] | None = None) -> int:

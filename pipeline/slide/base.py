@@ -28,8 +28,8 @@ LEVEL_TOLERANCE = 1e-3
 # Level pixels read in one piece by read_region_at_mpp; larger requests are done in row bands.
 MAX_READ_PIXELS = 4096 * 4096
 # From this many level pixels per output pixel on, read_region_at_mpp first averages boxes of whole
-# level pixels, so that a large reduction (a slide without a coarse level) is not done by Gaussian
-# smoothing of every level pixel in float32, which is many times slower.
+# level pixels. A large reduction (a slide without a coarse level) then avoids Gaussian smoothing
+# of every level pixel in float32, which is many times slower.
 MIN_BOX_REDUCTION = 3.0
 
 
@@ -283,10 +283,10 @@ def _resample_from_level(slide: Slide, level: int, lv_per_px: float, x: int, y: 
         return np.round(boxes.mean(axis=(1, 3))).astype(np.uint8)
 
     # General case. For a large reduction, the level is first averaged in boxes of ``box`` level
-    # pixels on a grid anchored at the level's origin, which acts as a coarser virtual level;
-    # ``vl_`` is that virtual level's frame. Then Gaussian smoothing against aliasing when
-    # shrinking, and bilinear sampling at each output pixel's centre. The margin covers the
-    # smoothing kernel and the interpolation.
+    # pixels on a grid anchored at the level's origin. The result acts as a coarser virtual level,
+    # whose frame is ``vl_``. Then come Gaussian smoothing against aliasing when shrinking and
+    # bilinear sampling at each output pixel's centre. The margin covers the smoothing kernel
+    # and the interpolation.
     box = box_factor(lv_per_px)
     vl_per_px = lv_per_px / box
     sigma = max(0.0, (vl_per_px - 1.0) / 2.0)
