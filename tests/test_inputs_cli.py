@@ -22,6 +22,7 @@ import tifffile
 from bcseg.cli import main
 from pipeline.run import COMPLETE_NAME
 from tests.qupath_rules import check_feature_collection
+from tests.test_checkpoint import CreatesFileWhenUnpickled
 
 REPO = Path(__file__).resolve().parents[1]
 HALF_MICRON_PER_CM = {"resolution": (20_000, 20_000), "resolutionunit": "CENTIMETER"}
@@ -407,16 +408,6 @@ def test_disk_full_keeps_earlier_result(shared_data, tmp_path, capsys, monkeypat
 
 
 # Safety.
-
-
-class CreatesFileWhenUnpickled:
-    """Unpickling an instance opens (so creates) ``path`` for writing: a stand-in for any code."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors", "model.pth"])
