@@ -139,6 +139,14 @@ def test_coarse_slide_rejected_unless_upsampling_allowed(tmp_path, capsys, caplo
     assert any(re.search(r"coarse\.tif: resolution 4 microns per pixel is 8\.0 times coarser .*upsampled", message) for message in warnings), warnings
 
 
+def test_thumbnail_resolution_dicom_rejected(shared_data, tmp_path, capsys):
+    # A DICOM slide at 30 microns per pixel, as a thumbnail-only export has.
+    exit_code, _, err = run_cli(capsys, shared_data / "fixtures/dicom_boxes", tmp_path / "out", "--mpp", "30")
+
+    assert_clean_error(exit_code, err, tmp_path / "out")
+    assert re.search(r"dicom_boxes: resolution 30 microns per pixel \(from --mpp\) is 60\.0 times coarser.*check the --mpp value.*--allow-upsample", err), err
+
+
 def test_ten_x_scan_runs_without_option(tmp_path, capsys):
     # 1 micron per pixel is twice the model's 0.5, the largest ratio accepted without the option.
     path = write_tiff(tmp_path / "ten-x.tif", np.full((64, 64, 3), 245, np.uint8), resolution=(10_000, 10_000))

@@ -172,11 +172,14 @@ def check_model_resolution(path: Path, slide_mpp: float, mpp_source: str, model_
     if factor <= MAX_UPSAMPLE:
         return
     if not allow_upsample:
+        if mpp_source == "--mpp":
+            check = "check the --mpp value"
+        else:
+            check = "correct the resolution with --mpp MICRONS if the metadata is wrong"
         raise BadInputError(
             f"{path}: resolution {slide_mpp:g} microns per pixel (from {mpp_source}) is {factor:.1f} times "
             f"coarser than the model's {model_mpp:g}, so the model would see the slide enlarged and blurred. "
-            "Use a scan at the model's resolution, correct the resolution with --mpp MICRONS if the metadata "
-            "is wrong, or pass --allow-upsample to run anyway"
+            f"Use a scan at the model's resolution, {check}, or pass --allow-upsample to run anyway"
         )
     log.warning(
         "%s: resolution %g microns per pixel is %.1f times coarser than the model's %g; the slide is "
