@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bcseg-wsi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout closed it early (``bcseg-wsi info SLIDE | head``). As the Python
+        # documentation advises, send what remains to devnull so the exit flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Terminated:
         print(f"bcseg-wsi {args.command}: terminated (SIGTERM); unfinished outputs removed", file=sys.stderr)
         return 143
