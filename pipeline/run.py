@@ -8,6 +8,7 @@ replaced only once its successor is complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -60,6 +61,8 @@ class RunSettings:
     keep_tiles: bool = False
     overwrite: bool = False
     output_name: str | None = None  # folder name under out_dir; None: slide_output_name(slide)
+    fill_bad_tiles: bool = False  # tiles that fail to decode become background; the result is partial
+    allow_upsample: bool = False  # run slides much coarser than the model's resolution, with a warning
 
     def output_affecting(self, tile_size_px: int) -> dict[str, Any]:
         """Return the settings that change the outputs, so equal values let a result be reused."""
@@ -74,6 +77,7 @@ class RunSettings:
             "simplify_um": self.simplify_um,
             "min_area_um2": self.min_area_um2,
             "keep_tiles": self.keep_tiles,
+            "fill_bad_tiles": self.fill_bad_tiles,
         }
 
 
@@ -81,7 +85,7 @@ class RunSettings:
 class RunResult:
     slide_path: Path
     output_dir: Path
-    status: str  # "done", "no_tissue" or "skipped"
+    status: str  # "done", "no_tissue" or "skipped"; summary["partial"] marks filled bad tiles
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,15 +109,21 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
     from bcseg.checkpoint import load_checkpoint
     from pipeline.inference import select_device
     from pipeline.slide import open_slide, slide_fingerprint
+    from pipeline.slide.resolution import check_model_resolution
 
     slide_path = Path(slide_path)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
     # Checks first: slide, model, settings, output folder.
-    slide = open_slide(slide_path, mpp=settings.mpp_override)
-    device = select_device(settings.device)
-    loaded = load_checkpoint(settings.model_path, device=device)
+    slide = open_slide(slide_path, mpp=settings.mpp_override, fill_bad_tiles=settings.fill_bad_tiles)
+    try:
+        device = select_device(settings.device)
+        loaded = load_checkpoint(settings.model_path, device=device)
+        check_model_resolution(slide.path, slide.mpp, slide.mpp_source, loaded.info.mpp, settings.allow_upsample)
+    except BaseException:
+        slide.close()
+        raise
     tile_size_px = settings.tile_size_px or loaded.info.tile_size_px
     if settings.object_type not in OBJECT_TYPES:
         raise BadInputError(f"--object-type {settings.object_type!r} is not one of {', '.join(OBJECT_TYPES)}")
@@ -140,6 +150,8 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
             summary = _run_stages(
                 slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress
             )
+        summary["partial"] = bool(slide.bad_tiles)
+        summary["bad_tiles"] = [dict(zip(("l0_x", "l0_y", "l0_width", "l0_height"), box)) for box in slide.bad_tiles]
         timings["total_s"] = time.perf_counter() - started
         summary["timings_s"] = {name: round(seconds, 3) for name, seconds in timings.items()}
         _write_json(work_dir / SUMMARY_NAME, summary)
@@ -148,10 +160,17 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
             {**record, "key": record_key, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")},
         )
         _move_into_place(work_dir, output_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(work_dir, ignore_errors=True)
         if created_out_dir:
             _remove_if_empty(Path(settings.out_dir))
+        disk_full = _disk_full_error(error)
+        if disk_full is not None:
+            raise BadInputError(
+                f"{output_dir}: the disk is full ({disk_full}); no partial result was kept"
+                + (" and the earlier result is unchanged" if output_dir.exists() else "")
+                + ". Free some space or choose another --out"
+            ) from error
         raise
     log.info("%s: outputs in %s (%.1f s)", slide_path, output_dir, timings["total_s"])
     return RunResult(slide_path, output_dir, summary["status"], summary)
@@ -292,6 +311,17 @@ def class_areas(labels, mpp: float, band_rows: int = 2048) -> dict[str, Any]:
         for c in CLASSES
     }
     return {"classes": classes, "tissue_um2": round(tissue_pixels * pixel_um2, 2)}
+
+
+def _disk_full_error(error: BaseException) -> OSError | None:
+    """Return the no-space or quota OSError that caused ``error``, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _make_work_dir(output_dir: Path) -> Path:

@@ -43,8 +43,8 @@ SATURATION_THRESHOLD_RANGE = (20, 40)
 DARKNESS_THRESHOLD_RANGE = (50, 80)
 # Pixels with HSV value below this are black background, not tissue.
 MIN_TISSUE_VALUE = 30
-# A view whose saturation and darkness both span less than this (1st to 99th percentile) is
-# blank or uniform.
+# A view where fewer pixels than one smallest object (MIN_OBJECT_UM2) differ from the median by
+# this much, in saturation and in darkness, is blank or uniform.
 MIN_CONTRAST = 10
 MIN_OBJECT_UM2 = 10_000.0  # 0.01 mm2, a square of 100 microns
 MAX_HOLE_UM2 = 100_000.0  # 0.1 mm2
@@ -139,8 +139,11 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float) -> np.ndarray:
     value = hsv[..., 2]
     darkness = 255 - value
 
-    # A blank or uniform view has nothing to separate.
-    if _spread(saturation) < MIN_CONTRAST and _spread(darkness) < MIN_CONTRAST:
+    # A blank or uniform view has nothing to separate. Counting the pixels that stand out, rather
+    # than taking percentiles, keeps a small piece of tissue on a large slide.
+    pixel_area_um2 = mpp * mpp
+    min_object_pixels = MIN_OBJECT_UM2 / pixel_area_um2
+    if _contrast_pixels(saturation) < min_object_pixels and _contrast_pixels(darkness) < min_object_pixels:
         log.debug("tissue detection: no contrast in the view; no tissue")
         return np.zeros(saturation.shape, dtype=bool)
 
@@ -152,8 +155,7 @@ def tissue_mask_from_rgb(rgb: np.ndarray, mpp: float) -> np.ndarray:
 
     # Clean-up: thin lines and specks, small objects, small holes.
     candidate = cv2.morphologyEx(candidate.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    pixel_area_um2 = mpp * mpp
-    mask = _remove_small_objects(candidate.astype(bool), MIN_OBJECT_UM2 / pixel_area_um2)
+    mask = _remove_small_objects(candidate.astype(bool), min_object_pixels)
     return _fill_small_holes(mask, MAX_HOLE_UM2 / pixel_area_um2)
 
 
@@ -165,9 +167,12 @@ def write_tissue_png(mask: TissueMask, path: str | Path) -> None:
     image.save(path, format="PNG", dpi=(pixels_per_inch, pixels_per_inch))
 
 
-def _spread(channel: np.ndarray) -> float:
-    low, high = np.percentile(channel, (1, 99))
-    return float(high - low)
+def _contrast_pixels(channel: np.ndarray) -> int:
+    """Count the pixels of a uint8 channel that differ from its median by MIN_CONTRAST or more."""
+    histogram = np.bincount(channel.ravel(), minlength=256)
+    median = int(np.searchsorted(np.cumsum(histogram), (channel.size + 1) // 2))
+    low, high = max(0, median - MIN_CONTRAST + 1), min(256, median + MIN_CONTRAST)
+    return int(channel.size - histogram[low:high].sum())
 
 
 def _clamped_otsu(channel: np.ndarray, threshold_range: tuple[int, int]) -> int:

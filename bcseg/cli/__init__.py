@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 
@@ -48,6 +49,12 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     # Libraries that log at INFO by default drown ours; keep them at WARNING unless -vv.
     for noisy in ("distributed", "numcodecs", "PIL", "zarr", "asyncio", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # tifffile logs ERROR for each damaged tag it skips; the slide readers turn what matters into
+    # one BadInputError, so those lines show only with -v.
+    tifffile_level = logging.CRITICAL
+    if verbose:
+        tifffile_level = logging.DEBUG if verbose >= 2 else logging.WARNING
+    logging.getLogger("tifffile").setLevel(tifffile_level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bcseg-wsi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout closed it early (``bcseg-wsi info SLIDE | head``). As the Python
+        # documentation advises, send what remains to devnull so the exit flush does not fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Terminated:
         print(f"bcseg-wsi {args.command}: terminated (SIGTERM); unfinished outputs removed", file=sys.stderr)
         return 143

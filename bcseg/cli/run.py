@@ -53,6 +53,12 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-area", type=float, default=0.0, metavar="UM2",
                         help="drop regions smaller than this area in square microns (default: 0)")
     parser.add_argument("--keep-tiles", action="store_true", help="keep tiles.zarr in the output folder")
+    parser.add_argument("--fill-bad-tiles", action="store_true",
+                        help="treat stored tiles that fail to decode as background instead of failing; the "
+                        "result is marked partial and summary.json lists the tiles")
+    parser.add_argument("--allow-upsample", action="store_true",
+                        help="run a slide more than 2 times coarser than the model's resolution, "
+                        "enlarging it, with a warning (default: reject it)")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -66,7 +72,11 @@ def execute(args: argparse.Namespace) -> int:
     if result.status == "skipped":
         print(f"{result.slide_path}: skipped, a complete result with the same settings is in {result.output_dir}")
         return 0
-    print(f"{result.slide_path}: {result.status} -> {result.output_dir}")
+    partial = " (partial)" if summary.get("partial") else ""
+    print(f"{result.slide_path}: {result.status}{partial} -> {result.output_dir}")
+    if summary.get("partial"):
+        print(f"  partial: {len(summary['bad_tiles'])} tile(s) failed to decode and were filled as background; "
+              f"their level-0 boxes are listed under bad_tiles in {result.output_dir / 'summary.json'}")
     for name, values in summary.get("classes", {}).items():
         print(f"  {name:<13} {values['area_um2'] / 1e6:10.4f} mm^2  {100 * values['fraction_of_tissue']:5.1f}% of tissue")
     if "timings_s" in summary:
@@ -110,6 +120,8 @@ def settings_from_args(args: argparse.Namespace, **overrides):
         simplify_um=args.simplify,
         min_area_um2=args.min_area,
         keep_tiles=args.keep_tiles,
+        fill_bad_tiles=args.fill_bad_tiles,
+        allow_upsample=args.allow_upsample,
         **overrides,
     )
 

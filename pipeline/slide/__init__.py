@@ -29,12 +29,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 
 
-def open_slide(path: str | Path, mpp: float | None = None, backend: str | None = None) -> Slide:
+def open_slide(
+    path: str | Path, mpp: float | None = None, backend: str | None = None, fill_bad_tiles: bool = False
+) -> Slide:
     """Open a whole-slide image, a DICOM slide folder or a plain RGB image.
 
     ``mpp`` (microns per level-0 pixel) overrides the resolution in the metadata and is required
     when there is none. ``backend`` forces ``"openslide"``, ``"tifffile"`` or ``"image"``;
-    None chooses one as the module docstring describes.
+    None chooses one as the module docstring describes. ``fill_bad_tiles`` makes stored tiles
+    that fail to decode read as white background, listed in ``Slide.bad_tiles``, instead of
+    raising TileDecodeError.
 
     Raises BadInputError, with a message naming the path, when the file is missing, unreadable,
     empty, not a slide, in a pixel format or compression that cannot be decoded, or without a
@@ -42,11 +46,13 @@ def open_slide(path: str | Path, mpp: float | None = None, backend: str | None =
     """
     path = Path(path)
     _check_readable(path)
+    if path.is_file() and _is_tiff(path):
+        _check_tiff_complete(path)
     if backend is None:
-        return _open_detected(path, mpp)
+        return _open_detected(path, mpp, fill_bad_tiles)
     if backend not in BACKENDS:
         raise ValueError(f"unknown slide backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return _backend_class(backend)(path, mpp=mpp)
+    return _backend_class(backend)(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
 
 
 def choose_backend(path: Path) -> str:
@@ -69,22 +75,22 @@ def choose_backend(path: Path) -> str:
     )
 
 
-def _open_detected(path: Path, mpp: float | None) -> Slide:
+def _open_detected(path: Path, mpp: float | None, fill_bad_tiles: bool) -> Slide:
     backend = choose_backend(path)
     if backend != "openslide" or path.is_dir() or not _is_tiff(path):
-        return _backend_class(backend)(path, mpp=mpp)
+        return _backend_class(backend)(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
 
     # A TIFF that OpenSlide fails to open (an unusual compression or layout) may still open in
     # tifffile. When both fail, tifffile's message is the more specific one for a generic TIFF,
     # and OpenSlide's for a vendor format.
     try:
-        return _backend_class("openslide")(path, mpp=mpp)
+        return _backend_class("openslide")(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
     except BadInputError as openslide_error:
         if not _is_openslide_open_failure(openslide_error):
             raise
         log.info("%s: OpenSlide failed (%s); trying tifffile", path, openslide_error.__cause__)
         try:
-            return _backend_class("tifffile")(path, mpp=mpp)
+            return _backend_class("tifffile")(path, mpp=mpp, fill_bad_tiles=fill_bad_tiles)
         except BadInputError:
             if _openslide_format(path) == "generic-tiff":
                 raise
@@ -130,6 +136,35 @@ def _check_readable(path: Path) -> None:
         raise BadInputError(f"{path}: the file is empty (0 bytes); the copy or download probably failed")
 
 
+def _check_tiff_complete(path: Path) -> None:
+    """Raise BadInputError for a TIFF file cut short: no image directory, or image data past its end.
+
+    Files that tifffile cannot parse at all pass, so that the backends report them.
+    """
+    import tifffile
+
+    file_bytes = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            pages = list(tiff.pages)
+            data_end = max(
+                (offset + count for page in pages for offset, count in zip(page.dataoffsets, page.databytecounts) if count),
+                default=0,
+            )
+    except Exception:  # noqa: BLE001 - damaged files raise many kinds; the backends report them
+        return
+    if not pages:
+        raise BadInputError(
+            f"{path}: the TIFF file has no readable image directory ({file_bytes} bytes); it is truncated or "
+            "damaged. Copy or download it again"
+        )
+    if data_end > file_bytes:
+        raise BadInputError(
+            f"{path}: the file is truncated: its image data runs to byte {data_end} but the file has only "
+            f"{file_bytes} bytes. Copy or download it again"
+        )
+
+
 def _is_tiff(path: Path) -> bool:
     with path.open("rb") as file:
         return file.read(4) in TIFF_SIGNATURES
@@ -144,9 +179,12 @@ def _openslide_misreads(path: Path) -> bool:
             page = tiff.pages.first
             # OpenSlide reads only top-level tiled pages, so it misses SubIFD pyramids. It also
             # converts grayscale and 16-bit pages to RGB silently, where the tifffile backend
-            # rejects them with a message.
+            # rejects them with a message. In a sparse TIFF, the tifffile backend skips the tiles
+            # the file leaves out, where OpenSlide composites them as transparent pixels, which
+            # takes minutes for a large slide.
             rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR) and page.dtype == "uint8"
-            return bool(tiff.is_ome or page.subifds or not page.is_tiled or not rgb)
+            sparse = 0 in page.databytecounts
+            return bool(tiff.is_ome or page.subifds or not page.is_tiled or not rgb or sparse)
     except tifffile.TiffFileError:
         return False
 

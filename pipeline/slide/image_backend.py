@@ -25,9 +25,11 @@ RGB_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr")
 class ImageBackend(Slide):
     """A plain image as a slide with one level; ``mpp`` is required."""
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, mpp: float | None = None, fill_bad_tiles: bool = False) -> None:
         self.path = Path(path)
         self._mpp_override = mpp
+        # The whole image decodes when opened, so a damaged file fails there and nothing is filled.
+        self.fill_bad_tiles = fill_bad_tiles
         self._pixels = _load_rgb(self.path)
 
         height, width = self._pixels.shape[:2]
@@ -55,7 +57,7 @@ class ImageBackend(Slide):
         return region
 
     def __reduce__(self):
-        return (type(self), (self.path, self._mpp_override))
+        return (type(self), (self.path, self._mpp_override, self.fill_bad_tiles))
 
 
 def _load_rgb(path: Path) -> np.ndarray:

@@ -8,6 +8,8 @@ Rules, the same for every backend:
   ``--mpp MICRONS`` option. A resolution is never guessed.
 - The x and y resolution must agree within 1 %, because every later stage assumes square pixels.
 - A value outside 0.05 to 100 microns per pixel is not a microscope scan and is rejected.
+- A slide more than ``MAX_UPSAMPLE`` times coarser than the model's resolution is rejected, or
+  run with a warning when the caller allows upsampling (the ``--allow-upsample`` option).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ MIN_PLAUSIBLE_MPP = 0.05
 MAX_PLAUSIBLE_MPP = 100.0
 # Largest relative difference between x and y resolution accepted as square pixels.
 MAX_XY_MISMATCH = 0.01
+# Largest ratio of slide mpp to model mpp run without --allow-upsample: a 10x scan at 1 micron per
+# pixel still runs with a 0.5 model, a 5x scan at 2 microns per pixel does not.
+MAX_UPSAMPLE = 2.0
 
 # TIFF ResolutionUnit values: 1 none, 2 inch, 3 centimeter.
 MICRONS_PER_TIFF_UNIT = {2: 25_400.0, 3: 10_000.0}
@@ -156,3 +161,28 @@ def check_plausible_mpp(path: Path, mpp: float, source: str) -> None:
             f"{path}: resolution {mpp:g} microns per pixel (from {source}) is outside the plausible "
             f"range {MIN_PLAUSIBLE_MPP:g} to {MAX_PLAUSIBLE_MPP:g}. {fix}"
         )
+
+
+def check_model_resolution(path: Path, slide_mpp: float, mpp_source: str, model_mpp: float, allow_upsample: bool) -> None:
+    """Reject a slide much coarser than the model's resolution, or warn when ``allow_upsample``.
+
+    Up to MAX_UPSAMPLE times the model's microns per pixel is accepted silently.
+    """
+    factor = slide_mpp / model_mpp
+    if factor <= MAX_UPSAMPLE:
+        return
+    if not allow_upsample:
+        if mpp_source == "--mpp":
+            check = "check the --mpp value"
+        else:
+            check = "correct the resolution with --mpp MICRONS if the metadata is wrong"
+        raise BadInputError(
+            f"{path}: resolution {slide_mpp:g} microns per pixel (from {mpp_source}) is {factor:.1f} times "
+            f"coarser than the model's {model_mpp:g}, so the model would see the slide enlarged and blurred. "
+            f"Use a scan at the model's resolution, {check}, or pass --allow-upsample to run anyway"
+        )
+    log.warning(
+        "%s: resolution %g microns per pixel is %.1f times coarser than the model's %g; the slide is "
+        "upsampled (--allow-upsample), so expect less accurate results",
+        path, slide_mpp, factor, model_mpp,
+    )

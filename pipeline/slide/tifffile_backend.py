@@ -18,8 +18,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from bcseg.errors import BadInputError
-from pipeline.slide.base import Slide, composite_on_white
+from bcseg.errors import BadInputError, TileDecodeError
+from pipeline.slide.base import Slide, composite_on_white, tile_decode_error
 from pipeline.slide.resolution import (
     MetadataResolution,
     mpp_from_aperio_description,
@@ -49,9 +49,10 @@ class TiffFileBackend(Slide):
     XResolution/YResolution tags with their ResolutionUnit.
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, mpp: float | None = None, fill_bad_tiles: bool = False) -> None:
         self.path = Path(path)
         self._mpp_override = mpp
+        self.fill_bad_tiles = fill_bad_tiles
         try:
             self._tiff = tifffile.TiffFile(self.path)
         except tifffile.TiffFileError as error:
@@ -61,20 +62,35 @@ class TiffFileBackend(Slide):
         try:
             self._open_levels()
             self._read_metadata(mpp)
+        except BadInputError:
+            self._tiff.close()
+            raise
+        except Exception as error:
+            # tifffile raises many kinds of exception (IndexError, KeyError, ValueError, struct.error)
+            # on damaged structures, and none of them is a bug here.
+            self._tiff.close()
+            raise BadInputError(
+                f"{self.path}: the TIFF structure cannot be read ({type(error).__name__}: {error}); the "
+                "file is damaged or not a slide"
+            ) from error
         except BaseException:
             self._tiff.close()
             raise
 
     def _open_levels(self) -> None:
+        if not self._tiff.series:
+            raise BadInputError(f"{self.path}: the TIFF file contains no image; it is truncated or damaged")
         series = self._tiff.series[0]
         page = series.levels[0].keyframe
         self._alpha_mode = _check_pixel_format(self.path, series, page)
 
         self._levels = []
         self._axes = []
+        self._stored_chunks = []
         level_dimensions = []
         for index, level in enumerate(series.levels):
-            array = zarr.open_array(series.aszarr(level=index), mode="r")
+            # Tiles or strips the file leaves out (sparse TIFF) read as white background.
+            array = zarr.open_array(series.aszarr(level=index, fillvalue=255), mode="r")
             if array.ndim != len(level.axes):
                 raise BadInputError(
                     f"{self.path}: level {index} has shape {array.shape} but axes {level.axes}; "
@@ -82,6 +98,7 @@ class TiffFileBackend(Slide):
                 )
             self._levels.append(array)
             self._axes.append(level.axes)
+            self._stored_chunks.append(_stored_chunk_map(level, array.shape[level.axes.index("Y")], array.shape[level.axes.index("X")]))
             level_dimensions.append((array.shape[level.axes.index("X")], array.shape[level.axes.index("Y")]))
         self._warn_on_large_chunks()
 
@@ -131,14 +148,31 @@ class TiffFileBackend(Slide):
                 chunk_bytes >> 20,
             )
 
+    def is_region_unstored(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> bool:
+        stored = self._stored_chunks[level]
+        if stored is None:
+            return False
+        chunk_map, chunk_height, chunk_width = stored
+        level_width, level_height = self.level_dimensions[level]
+        lv_x0, lv_y0 = max(lv_x, 0), max(lv_y, 0)
+        lv_x1, lv_y1 = min(lv_x + lv_width, level_width), min(lv_y + lv_height, level_height)
+        if lv_x0 >= lv_x1 or lv_y0 >= lv_y1:
+            return True
+        rows = slice(lv_y0 // chunk_height, (lv_y1 - 1) // chunk_height + 1)
+        cols = slice(lv_x0 // chunk_width, (lv_x1 - 1) // chunk_width + 1)
+        return not chunk_map[rows, cols].any()
+
     def read_level_region(self, level: int, lv_x: int, lv_y: int, lv_width: int, lv_height: int) -> np.ndarray:
-        # Read the part inside the level; the rest stays white.
+        # Read the part inside the level; the rest stays white, as do tiles the file leaves out.
         region, inside = self._white_canvas_and_inside(level, lv_x, lv_y, lv_width, lv_height)
-        if inside is None:
+        if inside is None or self.is_region_unstored(level, lv_x, lv_y, lv_width, lv_height):
             return region
         lv_x0, lv_y0, lv_x1, lv_y1 = inside
 
-        pixels = self._read_inside(level, lv_x0, lv_y0, lv_x1, lv_y1)
+        array, axes = self._levels[level], self._axes[level]
+        tile_size = (array.chunks[axes.index("X")], array.chunks[axes.index("Y")])
+        decode = lambda x0, y0, x1, y1: self._read_inside(level, x0, y0, x1, y1)  # noqa: E731
+        pixels = self._decode_or_fill(level, inside, tile_size, decode)
         region[lv_y0 - lv_y : lv_y1 - lv_y, lv_x0 - lv_x : lv_x1 - lv_x] = pixels
         return region
 
@@ -161,10 +195,7 @@ class TiffFileBackend(Slide):
         try:
             pixels = self._levels[level][tuple(selection)]
         except DECODE_ERRORS as error:
-            raise BadInputError(
-                f"{self.path}: decoding level {level} pixels ({lv_x0}, {lv_y0}) to ({lv_x1}, {lv_y1}) "
-                f"failed: {error}. The slide file is probably damaged"
-            ) from error
+            raise tile_decode_error(self, level, (lv_x0, lv_y0, lv_x1, lv_y1), error) from error
 
         pixels = np.transpose(pixels, [kept_axes.index(axis) for axis in "YX"] + [i for i, axis in enumerate(kept_axes) if axis in "SC"])
         if self._alpha_mode is None:
@@ -176,7 +207,7 @@ class TiffFileBackend(Slide):
 
     def __reduce__(self):
         # Reopen by path in another process (dask workers), instead of pickling the file handle.
-        return (type(self), (self.path, self._mpp_override))
+        return (type(self), (self.path, self._mpp_override, self.fill_bad_tiles))
 
 
 def _check_pixel_format(path: Path, series: tifffile.TiffPageSeries, page: tifffile.TiffPage) -> int | None:
@@ -218,6 +249,23 @@ def _check_pixel_format(path: Path, series: tifffile.TiffPageSeries, page: tifff
         return alpha
     log.info("%s: the fourth sample is not marked as alpha (ExtraSamples %s); ignoring it", path, extrasamples)
     return None
+
+
+def _stored_chunk_map(level: tifffile.TiffPageSeries, height: int, width: int) -> tuple[np.ndarray, int, int] | None:
+    """Map which tiles or strips of a one-page level the file stores: bool (chunk rows, chunk cols).
+
+    Returns the map with the chunk height and width, or None when the level's layout is not one
+    page of interleaved samples.
+    """
+    if len(level.pages) != 1 or level.keyframe.planarconfig != tifffile.PLANARCONFIG.CONTIG:
+        return None
+    page = level.pages[0]
+    chunk_height, chunk_width = page.chunks[0], page.chunks[1]
+    chunk_rows, chunk_cols = -(-height // chunk_height), -(-width // chunk_width)
+    byte_counts = np.asarray(page.databytecounts)
+    if byte_counts.size != chunk_rows * chunk_cols:
+        return None
+    return byte_counts.reshape(chunk_rows, chunk_cols) > 0, chunk_height, chunk_width
 
 
 def _tiff_tag_resolution(page: tifffile.TiffPage) -> MetadataResolution | None:
