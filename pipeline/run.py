@@ -49,8 +49,9 @@ class RunSettings:
     mpp_override: float | None = None  # slide resolution when its metadata lacks it or is wrong
     tile_size_px: int | None = None  # None: the model's tile size
     overlap_px: int = 64
-    batch_size: int = 4
+    batch_size: int | None = None  # None: chosen for the device (pipeline.inference.choose_batch_size)
     workers: int = 4
+    compile_model: bool = False
     tissue_detection: bool = True
     blend_mode: str = "gaussian"
     object_type: str = "annotation"
@@ -166,9 +167,9 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
     from pipeline.export.geojson import write_geojson
     from pipeline.export.label_tiff import write_label_tiff
     from pipeline.export.overlay import downsample_labels, write_overlay
-    from pipeline.inference import Predictor, predict_tiles
+    from pipeline.inference import Predictor, choose_batch_size, predict_stream
     from pipeline.stitching import Merger
-    from pipeline.tiling import TileGrid, select_tissue_tiles, write_tiles
+    from pipeline.tiling import TileGrid, TileStoreWriter, read_tiles, select_tissue_tiles
     from pipeline.tissue import detect_tissue, write_tissue_png
 
     def stage_progress(stage):
@@ -191,27 +192,30 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
     grid = TileGrid(m_width, m_height, tile_size_px, settings.overlap_px)
     m_origins = select_tissue_tiles(grid, tissue, mpp)
     log.info("%s: %d of %d tiles touch tissue", slide_path, len(m_origins), len(grid.m_origins()))
-    tile_store = None
-    if len(m_origins):
-        tile_store = write_tiles(
-            slide, grid, m_origins, mpp, work_dir / "tiles.zarr", workers=settings.workers,
-            metadata={"slide_fingerprint": fingerprint},
-            progress=stage_progress("read tiles"),
-        )
     timings["tiling_s"] = time.perf_counter() - clock
 
-    # Inference and blending into the slide-level store.
+    # Reading, inference and blending run at once: reader threads decode tiles ahead of the
+    # model, and a blending thread adds each batch's predictions while the next batch runs.
+    # Chunks of the maps are finalized as soon as their last tile is in.
     clock = time.perf_counter()
     merger = Merger(
         work_dir / "prediction.zarr", m_width, m_height, loaded.info.num_classes, tile_size_px,
         blend_mode=settings.blend_mode, attrs={"mpp": mpp, "l0_per_px": mpp / slide.mpp},
+        m_origins=m_origins, tissue=tissue, mpp=mpp,
     )
-    if tile_store is not None:
-        predictor = Predictor(loaded, device)
-        predict_tiles(tile_store, predictor, merger.add, settings.batch_size, stage_progress("infer"))
+    if len(m_origins):
+        predictor = Predictor(loaded, device, compile_model=settings.compile_model)
+        batch_size = choose_batch_size(predictor, tile_size_px, settings.batch_size)
+        keep = None
+        if settings.keep_tiles:
+            keep = TileStoreWriter(work_dir / "tiles.zarr", slide, grid, m_origins, mpp,
+                                   metadata={"slide_fingerprint": fingerprint}).write
+        tiles = read_tiles(slide, m_origins, tile_size_px, mpp, workers=settings.workers,
+                           max_ahead=2 * batch_size + settings.workers, on_tile=keep)
+        predict_stream(tiles, predictor, merger.add, batch_size, len(m_origins), stage_progress("infer"))
     timings["inference_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    probabilities, labels = merger.finalize(tissue, mpp, progress=stage_progress("blend"))
+    probabilities, labels = merger.finalize(progress=stage_progress("blend"))
     timings["stitching_s"] = time.perf_counter() - clock
 
     # Export: polygons, label image, overlay, areas.
@@ -229,9 +233,6 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
     write_overlay(work_dir / "overlay.png", thumbnail, downsample_labels(labels, thumb_width, thumb_height))
     areas = class_areas(labels, mpp)
     timings["export_s"] = time.perf_counter() - clock
-
-    if tile_store is not None and not settings.keep_tiles:
-        shutil.rmtree(work_dir / "tiles.zarr")
 
     status = "done" if len(m_origins) and areas["tissue_um2"] > 0 else "no_tissue"
     return {
@@ -263,7 +264,7 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
         "tissue_mask": {"file": "tissue.png", "mpp": tissue.mpp} if tissue is not None else None,
         "outputs": sorted([geojson_name, "labels.tif", "overlay.png", SUMMARY_NAME, "prediction.zarr"]
                           + (["tissue.png"] if settings.tissue_detection else [])
-                          + (["tiles.zarr"] if settings.keep_tiles and tile_store is not None else [])),
+                          + (["tiles.zarr"] if settings.keep_tiles and len(m_origins) else [])),
         "versions": _versions(),
     }
 
