@@ -164,9 +164,6 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
 
 
 def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress) -> dict:
-    from pipeline.export.geojson import write_geojson
-    from pipeline.export.label_tiff import write_label_tiff
-    from pipeline.export.overlay import downsample_labels, write_overlay
     from pipeline.inference import Predictor, choose_batch_size, predict_stream
     from pipeline.stitching import Merger
     from pipeline.tiling import TileGrid, TileStoreWriter, read_tiles, select_tissue_tiles
@@ -220,18 +217,7 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
 
     # Export: polygons, label image, overlay, areas.
     clock = time.perf_counter()
-    geojson_name = f"{name}.geojson" + (".gz" if settings.geojson_gzip else "")
-    geojson_stats = write_geojson(
-        work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
-        object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
-        l0_image_size=slide.dimensions,
-    )
-    write_label_tiff(work_dir / "labels.tif", labels, mpp)
-    overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
-    thumb_width, thumb_height = slide.size_at_mpp(overlay_mpp)
-    thumbnail = slide.read_region_at_mpp(0, 0, thumb_width, thumb_height, overlay_mpp)
-    write_overlay(work_dir / "overlay.png", thumbnail, downsample_labels(labels, thumb_width, thumb_height))
-    areas = class_areas(labels, mpp)
+    geojson_name, geojson_stats, areas = export_outputs(slide, labels, probabilities, mpp, settings, work_dir, name)
     timings["export_s"] = time.perf_counter() - clock
 
     status = "done" if len(m_origins) and areas["tissue_um2"] > 0 else "no_tissue"
@@ -267,6 +253,29 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
                           + (["tiles.zarr"] if settings.keep_tiles and len(m_origins) else [])),
         "versions": _versions(),
     }
+
+
+def export_outputs(slide, labels, probabilities, mpp: float, settings: RunSettings, work_dir: Path, name: str):
+    """Write the GeoJSON, labels.tif and overlay.png of a finished label map; count class areas.
+
+    Returns (GeoJSON file name, GeoJSON statistics, class areas).
+    """
+    from pipeline.export.geojson import write_geojson
+    from pipeline.export.label_tiff import write_label_tiff
+    from pipeline.export.overlay import downsample_labels, write_overlay
+
+    geojson_name = f"{name}.geojson" + (".gz" if settings.geojson_gzip else "")
+    geojson_stats = write_geojson(
+        work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
+        object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
+        l0_image_size=slide.dimensions,
+    )
+    write_label_tiff(work_dir / "labels.tif", labels, mpp)
+    overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
+    thumb_width, thumb_height = slide.size_at_mpp(overlay_mpp)
+    thumbnail = slide.read_region_at_mpp(0, 0, thumb_width, thumb_height, overlay_mpp)
+    write_overlay(work_dir / "overlay.png", thumbnail, downsample_labels(labels, thumb_width, thumb_height))
+    return geojson_name, geojson_stats, class_areas(labels, mpp)
 
 
 def class_areas(labels, mpp: float, band_rows: int = 2048) -> dict[str, Any]:

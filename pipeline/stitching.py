@@ -140,7 +140,8 @@ class Merger:
                 if self._tiles_left[key] == 0:
                     self._write_result(key, *self._open.pop(key))
         while len(self._open) > self.max_open_chunks:
-            self._spill(*self._open.popitem(last=False))
+            key, (sums, weight_sums) = self._open.popitem(last=False)
+            self._spill(key, sums, weight_sums)
 
     def finalize(self, progress: Callable[[int, int], None] | None = None) -> tuple[zarr.Array, zarr.Array]:
         """Write the chunks still open or spilled, remove the scratch arrays, return (probabilities, labels)."""
