@@ -80,10 +80,18 @@ class Predictor:
 
     ``amp`` enables autocast on CUDA (ignored on the CPU, where it was not faster).
     ``compile_model`` wraps the model in ``torch.compile``; the first batch then takes as long
-    as the compilation.
+    as the compilation. ``threads`` sets torch's CPU threads (default: every usable core); fewer
+    threads help on a machine shared with other busy processes.
     """
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, amp: bool = True, compile_model: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device,
+        amp: bool = True,
+        compile_model: bool = False,
+        threads: int | None = None,
+    ):
         self.device = device
         self.info = loaded.info
         self.cuda = device.type == "cuda"
@@ -97,7 +105,7 @@ class Predictor:
             if amp:
                 self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         else:
-            torch.set_num_threads(available_cpu_count())
+            torch.set_num_threads(threads or available_cpu_count())
         if compile_model:
             self.model = torch.compile(self.model)
 

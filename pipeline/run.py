@@ -52,6 +52,7 @@ class RunSettings:
     batch_size: int | None = None  # None: chosen for the device (pipeline.inference.choose_batch_size)
     workers: int = 4
     compile_model: bool = False
+    threads: int | None = None  # torch CPU threads; None: every usable core
     tissue_detection: bool = True
     blend_mode: str = "gaussian"
     object_type: str = "annotation"
@@ -201,7 +202,7 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
         m_origins=m_origins, tissue=tissue, mpp=mpp,
     )
     if len(m_origins):
-        predictor = Predictor(loaded, device, compile_model=settings.compile_model)
+        predictor = Predictor(loaded, device, compile_model=settings.compile_model, threads=settings.threads)
         batch_size = choose_batch_size(predictor, tile_size_px, settings.batch_size)
         keep = None
         if settings.keep_tiles:

@@ -189,7 +189,7 @@ def test_interrupt_stops_every_stage():
 def test_predictor_stream_matches_batch_predict():
     torch.manual_seed(0)
     loaded = LoadedModel(build_model().eval(), ModelInfo(mpp=1.0, tile_size_px=64), Path("random"), "", "float32")
-    predictor = Predictor(loaded, torch.device("cpu"))
+    predictor = Predictor(loaded, torch.device("cpu"), threads=1)
     tiles = image(64, 64 * 3).reshape(64, 3, 64, 3).transpose(1, 0, 2, 3)
     received = {}
 

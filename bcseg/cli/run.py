@@ -37,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "CUDA (default: auto)")
     parser.add_argument("--workers", type=int, default=4, metavar="N",
                         help="threads decoding tiles ahead of the model (default: 4)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the model (default: every usable core)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the model with torch.compile; the first batch waits for the compilation")
     parser.add_argument("--no-tissue-detection", action="store_true",
@@ -70,7 +72,7 @@ def execute(args: argparse.Namespace) -> int:
     from pipeline.run import RunSettings, run_slide
 
     for option, value, minimum in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
-                                   ("--overlap", args.overlap, 0)):
+                                   ("--threads", args.threads, 1), ("--overlap", args.overlap, 0)):
         if value is not None and value < minimum:
             raise BadInputError(f"{option} must be at least {minimum}, got {value}")
     if args.mpp is not None and not 0 < args.mpp:
@@ -91,6 +93,7 @@ def execute(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         compile_model=args.compile,
+        threads=args.threads,
         tissue_detection=not args.no_tissue_detection,
         blend_mode=args.blend,
         object_type=args.object_type,
