@@ -279,11 +279,17 @@ def export_outputs(slide, labels, probabilities, mpp: float, settings: RunSettin
     return geojson_name, geojson_stats, class_areas(labels, mpp)
 
 
-def class_areas(labels, mpp: float, band_rows: int = 2048) -> dict[str, Any]:
-    """Area in square microns and fraction of tissue per class, counted band by band."""
+def class_areas(labels, mpp: float, band_rows: int = 512, count_rows: int = 64) -> dict[str, Any]:
+    """Area in square microns and fraction of tissue per class, counted band by band.
+
+    Bands of ``band_rows`` are read at once, and counted ``count_rows`` at a time because
+    ``np.bincount`` widens its input to 64-bit integers.
+    """
     counts = np.zeros(256, dtype=np.int64)
     for row in range(0, labels.shape[0], band_rows):
-        counts += np.bincount(np.asarray(labels[row : row + band_rows]).ravel(), minlength=256)
+        band = np.asarray(labels[row : row + band_rows])
+        for sub_row in range(0, band.shape[0], count_rows):
+            counts += np.bincount(band[sub_row : sub_row + count_rows].ravel(), minlength=256)
     pixel_um2 = mpp * mpp
     tissue_pixels = int(sum(counts[c.label] for c in CLASSES))
     classes = {
