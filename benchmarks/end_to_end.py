@@ -6,7 +6,7 @@ runs the same model (the same ``Predictor``) on as many in-memory tiles of the s
 same batches. Repeats alternate between the two, and the ratio is of the medians. One run of
 each comes first to warm up (imports, oneDNN kernels) and is not counted.
 
-    python benchmarks/end_to_end.py [--repeats 3] [--workers 2] [--batch-size 4] [--device cpu]
+    python benchmarks/end_to_end.py [--repeats 3] [--workers 2] [--batch-size 4] [--threads N] [--device cpu]
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="tile reader threads (default: 2)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--slide", type=Path, default=None, help="default: CMU-1-Small-Region.svs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     import numpy as np
+    import torch
 
     from bcseg.checkpoint import load_checkpoint
     from pipeline.inference import Predictor, select_device
@@ -54,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = random_checkpoint(Path(folder), mpp=1.0, tile_size_px=512)
         settings = RunSettings(
             out_dir=Path(folder) / "out", model_path=checkpoint, device=args.device, tile_size_px=512,
-            overlap_px=64, batch_size=args.batch_size, workers=args.workers, overwrite=True,
+            overlap_px=64, batch_size=args.batch_size, workers=args.workers, threads=args.threads, overwrite=True,
         )
         device = select_device(args.device)
-        predictor = Predictor(load_checkpoint(checkpoint, device=device), device)
+        predictor = Predictor(load_checkpoint(checkpoint, device=device), device, threads=args.threads)
 
         # Warm-up, which also counts the tiles that touch tissue.
         warm_up = run_slide(slide, settings)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = median(end_to_end_s) / median(model_s)
     print(machine_report())
     print(f"slide: {slide.name}, 1 um/px, 512 px tiles, 64 px overlap, batch {args.batch_size}, "
-          f"{args.workers} reader threads, device {args.device}")
+          f"{args.workers} reader threads, device {args.device}, torch threads {torch.get_num_threads()}")
     print(f"tiles with tissue: {tile_count} ({math.ceil(tile_count / args.batch_size)} batches)")
     print(f"end to end (run_slide) s: {format_times(end_to_end_s)}; median {median(end_to_end_s):.2f}")
     print(f"model only s:             {format_times(model_s)}; median {median(model_s):.2f}")

@@ -1,13 +1,13 @@
 """Tiles per second of a whole slide run against the model alone, on an NVIDIA GPU with AMP.
 
 Runs ``pipeline.run.run_slide`` on CMU-1-Small-Region with a DeepLabV3-ResNet50 with seeded random
-weights at ``--mpp`` (default 0.25 um/px on CUDA: 140 tiles of 512 px; the slide is upsampled,
-which is cheap to read, so reading is not the bottleneck it would be on a 40x scan), with tissue
-detection off so every tile runs, and the batch size chosen from free GPU memory. Then the same
-Predictor runs on as many in-memory tiles in the same batches (model only). Prints tiles per
-second of the whole run, of the overlapped read + infer + blend stage alone, and of the model,
-with the ratios. On a machine without CUDA it runs the same code on the CPU at 1 um/px with one
-repeat, as a check that the script works.
+weights at ``--mpp``. The default on CUDA is 0.25 um/px, 140 tiles of 512 px. The slide is
+upsampled there, which is cheap to read, so reading costs less than on a real 40x scan. Tissue
+detection is off so that every tile runs, and the batch size is chosen from free GPU memory.
+Then the same Predictor runs on as many in-memory tiles in the same batches (model only). The
+script prints tiles per second of the whole run, of the overlapped read + infer + blend stage
+alone, and of the model, with the ratios. Without CUDA it runs the same code on the CPU at
+1 um/px with one repeat, as a check that the script works.
 
     python benchmarks/gpu.py [--device cuda] [--mpp 0.25] [--repeats 3] [--workers 8] [--compile]
 """
