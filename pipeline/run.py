@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 COMPLETE_NAME = "COMPLETE"
 SUMMARY_NAME = "summary.json"
 OVERLAY_MAX_PX = 2048  # maximum length of the longer side of overlay.png
+# Label-map pixels the GeoJSON export traces at a time, at about 20 bytes each: 80 MB. Its
+# default of 1024 rows took 256 MB on a label map 12,500 px wide.
+GEOJSON_BAND_PIXELS = 4_000_000
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -269,7 +272,7 @@ def export_outputs(slide, labels, probabilities, mpp: float, settings: RunSettin
     geojson_stats = write_geojson(
         work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
         object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
-        l0_image_size=slide.dimensions,
+        band_rows=max(64, min(1024, GEOJSON_BAND_PIXELS // labels.shape[1])), l0_image_size=slide.dimensions,
     )
     write_label_tiff(work_dir / "labels.tif", labels, mpp)
     overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
