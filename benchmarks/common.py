@@ -12,6 +12,15 @@ SHARED_SLIDE = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.
 BUNDLED_SLIDE = REPO / "samples" / "CMU-1-Small-Region.svs"
 
 
+def add_run_options(parser) -> None:
+    """Add the options that the CPU benchmarks share: workers, batch size, threads, device, slide."""
+    parser.add_argument("--workers", type=int, default=2, help="tile reader threads (default: 2)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--slide", type=Path, default=None, help="default: CMU-1-Small-Region.svs")
+
+
 def sample_slide() -> Path:
     """Return CMU-1-Small-Region.svs from the shared data folder, else the bundled copy."""
     return SHARED_SLIDE if SHARED_SLIDE.exists() else BUNDLED_SLIDE

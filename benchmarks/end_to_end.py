@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import format_times, machine_report, median, random_checkpoint, sample_slide  # noqa: E402
+from benchmarks.common import add_run_options, format_times, machine_report, median, random_checkpoint, sample_slide  # noqa: E402
 
 TARGET_RATIO = 1.10
 
@@ -36,11 +36,7 @@ def model_only(predictor, batches) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="tile reader threads (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--slide", type=Path, default=None, help="default: CMU-1-Small-Region.svs")
+    add_run_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
