@@ -1,8 +1,8 @@
 """The batch inferencer: decoded tiles in, batches through the model, blended predictions out.
 
 ``predict_stream`` runs three stages at once. Reader threads (``pipeline.tiling.read_tiles``)
-decode tiles a bounded number ahead; the calling thread assembles batches (in pinned memory on
-CUDA, copied to the GPU asynchronously) and starts the model on them; a blending thread hands
+decode tiles a bounded number ahead. The calling thread assembles batches (in pinned memory on
+CUDA, copied to the GPU asynchronously) and starts the model on them. A blending thread hands
 each batch's class probabilities to ``add``, normally the stitcher's ``Merger.add``, while the
 next batch runs. Every queue between the stages is bounded, so memory does not grow with the
 slide. On CUDA the model runs under autocast (bfloat16, or float16 where bfloat16 is
@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Batches predicted but not yet blended. Two let the model run one batch ahead of blending.
 BLEND_QUEUE_BATCHES = 2
-# Batch size that "auto" picks on the CPU: on 2 cores, 1, 2 and 4 tiles of 512 px ran at the
-# same tiles per second within noise (benchmarks/stages.py), and 4 amortises per-call overhead.
+# Batch size that "auto" picks on the CPU: the former fixed default.
+# NOTE: not tuned by measurement; other batch sizes may run faster on other CPUs.
 CPU_AUTO_BATCH_SIZE = 4
 # On CUDA, "auto" fills this fraction of the free memory, measured with a probe batch, and
-# never exceeds the maximum.
+# never exceeds the maximum. The fraction leaves room for cuDNN workspaces; it is an estimate.
 CUDA_MEMORY_FRACTION = 0.6
 MAX_AUTO_BATCH_SIZE = 256
 POLL_S = 0.1  # how often a blocked queue operation checks for an error on the other side
@@ -78,7 +78,7 @@ class PendingPrediction:
 class Predictor:
     """Turns batches of uint8 RGB tiles into class probabilities with one loaded model.
 
-    ``amp`` enables autocast on CUDA (ignored on the CPU, where it was not faster).
+    ``amp`` enables autocast on CUDA; the CPU always runs in float32.
     ``compile_model`` wraps the model in ``torch.compile``; the first batch then takes as long
     as the compilation. ``threads`` sets torch's CPU threads (default: every usable core); fewer
     threads help on a machine shared with other busy processes.
@@ -127,8 +127,8 @@ class Predictor:
             images = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
             images = (images - self.mean) / self.std
             if self.cuda:
-                # NOTE: the CUDA path (pinned batches, autocast, channels_last, asynchronous copies)
-                # has not yet run on a GPU here; only the CPU path is covered by the tests.
+                # NOTE: this CUDA path (pinned batches, autocast, channels_last, asynchronous
+                # copies) has not yet run on a GPU. The tests cover only the CPU path.
                 images = images.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                     logits = self.model(images)
@@ -265,7 +265,7 @@ class _BlendWorker:
     def _run(self) -> None:
         while (item := self._queue.get()) is not _STOP:
             if self._error is not None or self._cancelled.is_set():
-                continue  # keep draining so that the producer never blocks
+                continue  # drain the queue, so that a producer waiting in put() is released
             try:
                 origins, pending = item
                 for (m_x, m_y), probabilities in zip(origins, pending.result()):

@@ -1,8 +1,8 @@
 """The stitcher: blends overlapping tile predictions into slide-level maps on disk.
 
 Each tile's class probabilities are multiplied by a weight that falls off toward the tile's
-borders and added to a weighted sum (classes, rows, cols); the weights themselves are added to a
-weight sum (rows, cols). Both are kept in memory per chunk of ``chunk_px`` square at model
+borders and added to a weighted sum (classes, rows, cols). The weights themselves are added to
+a weight sum (rows, cols). Both are kept in memory per chunk of ``chunk_px`` square at model
 resolution. A chunk is finalized (divided, masked to tissue, written as ``probabilities``
 float16 and ``labels`` uint8, 0 background and 1..5 the classes) once the last tile that touches
 it has been added, so every output chunk is written once and never read back. When the open
