@@ -192,9 +192,12 @@ def load_checkpoint(path: str | os.PathLike | None = None, device: str | torch.d
         ) from error
     state = _dequantize(tensors) if encoding == "int8-per-channel" else tensors
 
-    model = build_model(info.architecture, info.num_classes, info.image_pooling_px)
+    # Built on the meta device, so no time goes into random initial weights that the checkpoint
+    # replaces (seconds on a 2-core CPU); assign=True makes the loaded tensors the parameters.
+    with torch.device("meta"):
+        model = build_model(info.architecture, info.num_classes, info.image_pooling_px)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         raise BadInputError(
             f"{path}: the weights do not fit a {info.architecture} with {info.num_classes} classes "

@@ -1,8 +1,11 @@
-"""The tiler: an overlapping grid at model resolution and a zarr store of the tissue tiles.
+"""The tiler: an overlapping grid at model resolution, and tissue tiles decoded ahead of the model.
 
 A tile is ``tile_size_px`` square at the model's mpp. Tiles start every ``stride_px =
 tile_size_px - overlap_px`` pixels from (0, 0). The last row and column may reach past the slide,
 where the reader returns white padding, and the stitcher crops them to the slide.
+
+``read_tiles`` decodes tiles in a pool of reader threads, a bounded number ahead of the model.
+``TileStoreWriter`` and ``write_tiles`` keep a copy of the tiles in a zarr store.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,114 @@ def select_tissue_tiles(grid: TileGrid, tissue, mpp: float) -> np.ndarray:
     return m_origins[np.asarray(keep, dtype=bool)] if len(m_origins) else m_origins
 
 
+def read_tile(slide, m_x: int, m_y: int, tile_size_px: int, mpp: float) -> np.ndarray:
+    """Decode the tile with its origin at (m_x, m_y), in pixels at ``mpp``; returns RGB uint8.
+
+    Every tile of a run is decoded here. A decoder failure becomes a BadInputError that names the
+    tile's level-0 position.
+    """
+    try:
+        return slide.read_region_at_mpp(m_x, m_y, tile_size_px, tile_size_px, mpp)
+    except (BadInputError, MemoryError):
+        raise
+    except Exception as error:  # decoder errors differ per backend and codec
+        l0_per_px = mpp / slide.mpp
+        l0_x, l0_y = round(m_x * l0_per_px), round(m_y * l0_per_px)
+        raise BadInputError(
+            f"{slide.path}: failed to read the tile at level-0 (x={l0_x}, y={l0_y}), "
+            f"{round(tile_size_px * l0_per_px)} px square: {error}. The file is probably corrupt there; "
+            "re-export or re-scan the slide"
+        ) from error
+
+
+def read_tiles(
+    slide,
+    m_origins: np.ndarray,
+    tile_size_px: int,
+    mpp: float,
+    workers: int = 4,
+    max_ahead: int = 16,
+    on_tile: Callable[[int, np.ndarray], None] | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (m_x, m_y, pixels) for each origin, in order, decoded ahead by ``workers`` threads.
+
+    At most ``max_ahead`` tiles are decoded or waiting at any time, so memory stays bounded
+    however far the readers could run ahead of the consumer. ``on_tile(index, pixels)``, when
+    given, runs in the reader thread after each decode (used to keep a copy of the tiles).
+    Closing the generator, or an error in a reader, cancels the tiles not yet started and waits
+    for the reader threads to exit.
+    """
+    max_ahead = max(1, max_ahead)
+
+    def decode(index: int) -> np.ndarray:
+        m_x, m_y = (int(value) for value in m_origins[index])
+        pixels = read_tile(slide, m_x, m_y, tile_size_px, mpp)
+        if on_tile is not None:
+            on_tile(index, pixels)
+        return pixels
+
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="bcseg-tile-reader")
+    pending: deque[Future] = deque()
+    next_index = 0
+    try:
+        for index in range(len(m_origins)):
+            # Keep the readers up to max_ahead tiles ahead of the consumer.
+            while next_index < len(m_origins) and len(pending) < max_ahead:
+                pending.append(pool.submit(decode, next_index))
+                next_index += 1
+            pixels = pending.popleft().result()
+            m_x, m_y = (int(value) for value in m_origins[index])
+            yield m_x, m_y, pixels
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TileStoreWriter:
+    """A new zarr tile store that tiles are written into one by one, as they are decoded."""
+
+    def __init__(
+        self,
+        store_path: str | os.PathLike,
+        slide,
+        grid: TileGrid,
+        m_origins: np.ndarray,
+        mpp: float,
+        metadata: dict[str, Any] | None = None,
+    ):
+        tile = grid.tile_size_px
+        self.path = Path(store_path)
+        root = zarr.open_group(str(store_path), mode="w")
+        self.tiles = root.create_array(
+            "tiles", shape=(len(m_origins), tile, tile, 3), chunks=(1, tile, tile, 3), dtype="uint8"
+        )
+        root.create_array("m_origins", data=np.asarray(m_origins, dtype=np.int64).reshape(-1, 2))
+        l0_per_px = mpp / slide.mpp
+        level = slide.best_level_for_downsample(l0_per_px)
+        root.attrs.update(
+            {
+                "slide_path": str(slide.path),
+                "slide_mpp": slide.mpp,
+                "mpp": mpp,
+                "level": level,
+                "level_downsample": slide.level_downsamples[level],
+                "l0_per_px": l0_per_px,
+                "m_width": grid.m_width,
+                "m_height": grid.m_height,
+                "tile_size_px": tile,
+                "overlap_px": grid.overlap_px,
+                "origin_frame": "(m_x, m_y): pixels at mpp; level-0 position = m * l0_per_px",
+                "package_version": __version__,
+                **(metadata or {}),
+            }
+        )
+
+    def write(self, index: int, pixels: np.ndarray) -> None:
+        """Store tile ``index``; each tile is its own chunk, so reader threads may call this at once."""
+        self.tiles[index] = pixels
+
+
 def write_tiles(
     slide,
     grid: TileGrid,
@@ -98,55 +210,14 @@ def write_tiles(
     Tiles are read by ``workers`` threads (openslide and tifffile release the GIL while decoding)
     and each is written as its own compressed chunk.
     """
-    tile = grid.tile_size_px
-    root = zarr.open_group(str(store_path), mode="w")
-    tiles = root.create_array(
-        "tiles", shape=(len(m_origins), tile, tile, 3), chunks=(1, tile, tile, 3), dtype="uint8"
+    writer = TileStoreWriter(store_path, slide, grid, m_origins, mpp, metadata)
+    tiles = read_tiles(
+        slide, m_origins, grid.tile_size_px, mpp, workers=workers, max_ahead=2 * max(1, workers), on_tile=writer.write
     )
-    root.create_array("m_origins", data=np.asarray(m_origins, dtype=np.int64).reshape(-1, 2))
-    l0_per_px = mpp / slide.mpp
-    level = slide.best_level_for_downsample(l0_per_px)
-    root.attrs.update(
-        {
-            "slide_path": str(slide.path),
-            "slide_mpp": slide.mpp,
-            "mpp": mpp,
-            "level": level,
-            "level_downsample": slide.level_downsamples[level],
-            "l0_per_px": l0_per_px,
-            "m_width": grid.m_width,
-            "m_height": grid.m_height,
-            "tile_size_px": tile,
-            "overlap_px": grid.overlap_px,
-            "origin_frame": "(m_x, m_y): pixels at mpp; level-0 position = m * l0_per_px",
-            "package_version": __version__,
-            **(metadata or {}),
-        }
-    )
-
-    def read_one(index: int) -> int:
-        m_x, m_y = (int(value) for value in m_origins[index])
-        try:
-            pixels = slide.read_region_at_mpp(m_x, m_y, tile, tile, mpp)
-        except (BadInputError, MemoryError):
-            raise
-        except Exception as error:  # decoder errors differ per backend and codec
-            l0_x, l0_y = round(m_x * l0_per_px), round(m_y * l0_per_px)
-            raise BadInputError(
-                f"{slide.path}: failed to read the tile at level-0 (x={l0_x}, y={l0_y}), "
-                f"{round(tile * l0_per_px)} px square: {error}. The file is probably corrupt there; "
-                "re-export or re-scan the slide"
-            ) from error
-        tiles[index] = pixels
-        return index
-
-    done = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for _ in pool.map(read_one, range(len(m_origins))):
-            done += 1
-            if progress is not None:
-                progress(done, len(m_origins))
-    log.info("wrote %d tiles of %d px to %s", len(m_origins), tile, store_path)
+    for done, _ in enumerate(tiles, start=1):
+        if progress is not None:
+            progress(done, len(m_origins))
+    log.info("wrote %d tiles of %d px to %s", len(m_origins), grid.tile_size_px, store_path)
     return TileStore(store_path)
 
 

@@ -192,6 +192,8 @@ def test_blank_slide_is_no_tissue(tmp_path, capsys):
         pytest.param("--simplify", "-1", id="negative-simplify"),
         pytest.param("--tile-size", "0", id="zero-tile-size"),
         pytest.param("--overlap", "600", id="overlap-past-half-tile"),
+        pytest.param("--threads", "0", id="zero-threads"),
+        pytest.param("--batch-size", "0", id="zero-batch-size"),
     ],
 )
 def test_invalid_option_exits_2_before_work(option, value, tmp_path, capsys):

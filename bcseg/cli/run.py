@@ -39,8 +39,15 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                         help="tile size at the model's resolution (default: the model's own)")
     parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS",
                         help="overlap between neighbouring tiles at the model's resolution (default: 64)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="tiles per model batch (default: 4)")
-    parser.add_argument("--workers", type=int, default=4, metavar="N", help="threads reading tiles (default: 4)")
+    parser.add_argument("--batch-size", type=batch_size_value, default=None, metavar="N|auto",
+                        help="tiles per model batch; auto picks 4 on the CPU and fills the free GPU memory on "
+                        "CUDA (default: auto)")
+    parser.add_argument("--workers", type=int, default=4, metavar="N",
+                        help="threads decoding tiles ahead of the model (default: 4)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for the model (default: every usable core)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile; the first batch waits for the compilation")
     parser.add_argument("--no-tissue-detection", action="store_true",
                         help="send every tile to the model, background included")
     parser.add_argument("--blend", choices=BLEND_CHOICES, default="gaussian",
@@ -59,6 +66,16 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-upsample", action="store_true",
                         help="run a slide more than 2 times coarser than the model's resolution, "
                         "enlarging it, with a warning (default: reject it)")
+
+
+def batch_size_value(text: str) -> int | None:
+    """Parse --batch-size: a whole number, or "auto" (returned as None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -93,8 +110,8 @@ def settings_from_args(args: argparse.Namespace, **overrides):
     from pipeline.run import RunSettings
 
     for option, value, minimum in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 1),
-                                   ("--overlap", args.overlap, 0)):
-        if value < minimum:
+                                   ("--threads", args.threads, 1), ("--overlap", args.overlap, 0)):
+        if value is not None and value < minimum:
             raise BadInputError(f"{option} must be at least {minimum}, got {value}")
     if args.mpp is not None and not 0 < args.mpp:
         raise BadInputError(f"--mpp must be a positive number of microns per pixel, got {args.mpp}")
@@ -113,6 +130,8 @@ def settings_from_args(args: argparse.Namespace, **overrides):
         overlap_px=args.overlap,
         batch_size=args.batch_size,
         workers=args.workers,
+        compile_model=args.compile,
+        threads=args.threads,
         tissue_detection=not args.no_tissue_detection,
         blend_mode=args.blend,
         object_type=args.object_type,

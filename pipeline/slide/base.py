@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 # level at 4.00015 is used for a target of 4.0.
 LEVEL_TOLERANCE = 1e-3
 # Level pixels read in one piece by read_region_at_mpp; larger requests are done in row bands.
-MAX_READ_PIXELS = 4096 * 4096
+# A band's float32 smoothing buffers take about 12 bytes per level pixel, so 1024 x 1024 keeps
+# them near 12 MB. At 4096 x 4096 the tissue view of a 100,000 x 80,000 px slide took 900 MB.
+MAX_READ_PIXELS = 1024 * 1024
 # From this many level pixels per output pixel on, read_region_at_mpp first averages boxes of whole
 # level pixels. A large reduction (a slide without a coarse level) then avoids Gaussian smoothing
 # of every level pixel in float32, which is many times slower.
