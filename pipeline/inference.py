@@ -98,6 +98,11 @@ class Predictor:
         self.model = loaded.model.to(device).eval()
         self.mean = torch.tensor(self.info.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.info.std, device=device).view(1, 3, 1, 1)
+        self.stain_normalizer = None
+        if self.info.stain_normalization:
+            from bcseg.stain import StainNormalizer
+
+            self.stain_normalizer = StainNormalizer.from_json(self.info.stain_normalization)
         self.amp_dtype = None
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -122,6 +127,11 @@ class Predictor:
         cuDNN autotuning and compilation) and the call returns before the GPU has finished.
         """
         count = len(batch) if count is None else count
+        if self.stain_normalizer is not None:
+            # NOTE: each tile is normalized on its own statistics, whereas training normalized whole
+            # regions, so colours can differ slightly between neighbouring tiles.
+            for index in range(count):
+                batch[index] = self.stain_normalizer.apply(batch[index])
         host = torch.from_numpy(np.ascontiguousarray(batch if self.cuda else batch[:count]))
         with torch.inference_mode():
             images = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)

@@ -21,6 +21,7 @@ from bcseg.checkpoint import load_checkpoint
 from bcseg.classes import DEFAULT_BCSS_GROUPS, IGNORE_INDEX, code_lookup_table
 from bcseg.errors import BadInputError
 from bcseg.model import build_model
+from bcseg.stain import StainNormalizer
 from bcseg.training import TrainConfig, train
 from bcseg.training.data import PatchSampler, Region
 from bcseg.training.loop import resume_config
@@ -366,3 +367,28 @@ def test_cli_needs_data_or_resume(tmp_path, capsys):
     assert "--resume RUN_DIR" in capsys.readouterr().err
     assert main(["train", str(tmp_path), "--resume", str(tmp_path), "-q"]) == EXIT_BAD_INPUT
     assert "give no DATA_DIR" in capsys.readouterr().err
+
+
+def test_stain_normalization_recorded_and_applied(a0sk_tiles, tmp_path):
+    from pipeline.inference import Predictor
+
+    target = next((a0sk_tiles / "images").iterdir())
+    result = train(tiny_config(a0sk_tiles, tmp_path / "run", patches_per_epoch=2,
+                               stain_normalization="reinhard", stain_target=target))
+    loaded = load_checkpoint(result.last_path)
+    assert loaded.info.stain_normalization["method"] == "reinhard"
+    assert loaded.info.stain_normalization["target"] == target.name
+
+    with Image.open(target) as image:
+        tile = np.asarray(image.convert("RGB"))[:64, :64].copy()
+    expected_input = StainNormalizer.from_json(loaded.info.stain_normalization).apply(tile)
+    assert not np.array_equal(expected_input, tile)
+    predictor = Predictor(loaded, torch.device("cpu"), threads=2)
+    normalized = predictor.predict(tile[None].copy())
+    predictor.stain_normalizer = None
+    np.testing.assert_allclose(normalized, predictor.predict(expected_input[None].copy()), atol=1e-6)
+
+
+def test_stain_normalization_needs_target(a0sk_tiles, tmp_path):
+    with pytest.raises(BadInputError, match="--stain-target"):
+        train(tiny_config(a0sk_tiles, tmp_path, stain_normalization="macenko"))
