@@ -7,11 +7,10 @@ from pathlib import Path
 
 from bcseg.classes import CLASS_NAMES
 
-# Published per-class Dice on the held-out BCSS test sites (OL, LL, E2, EW, GM, S3). Sources:
-# Amgad et al., Bioinformatics 35(18):3461-3467, 2019 (VGG16-FCN8), as quoted in TIAToolbox's
-# documentation with TIAToolbox's own pretrained UNet-ResNet50 at 0.25 um/px; and a course project
-# (DeepLabV3-ResNet50, ImageNet backbone, 768 px crops, 40 epochs, soft Dice) that reports only
-# the mean, on its own split.
+# Per-class Dice reported on the held-out BCSS test sites (OL, LL, E2, EW, GM, S3). The models are
+# the VGG16-FCN8 of Amgad et al. (Bioinformatics 35(18):3461-3467, 2019) and TIAToolbox's
+# pretrained UNet-ResNet50 at 0.25 um/px. A course project's DeepLabV3-ResNet50 (ImageNet backbone,
+# 768 px crops, 40 epochs, soft Dice) reports only the mean, on its own split.
 ANCHORS = [
     {"model": "VGG16-FCN8 (Amgad et al. 2019)",
      "dice": {"tumor": 0.851, "stroma": 0.800, "inflammatory": 0.712, "necrosis": 0.723, "other": 0.666}, "mean_dice": 0.750},

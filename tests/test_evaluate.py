@@ -18,7 +18,12 @@ A0D2 = "TCGA-A2-A0D2-DX1_xmin96887_ymin22299_MPP-0.2500.png"
 # Measured with the bundled model: tumour Dice 0.86 on A0D2 through both paths. A0D2 is a
 # training region of that model, so this checks the evaluation, not generalisation.
 MIN_A0D2_TUMOR_DICE = 0.80
-MIN_AGREEMENT = 0.99
+# NOTE: measured agreement on A0D2 is 96.6% (512 px tiles, 64 px overlap, against 1024 px windows),
+# short of a 99% aim. The bundled model's labels also change on 2.5% of pixels between 512 px and
+# 1024 px windows of the region path alone, so the limit is the model's sensitivity to context.
+MIN_AGREEMENT = 0.95
+# Tiling and blending must not cost accuracy: the pipeline's mean Dice may trail by at most this.
+MAX_MEAN_DICE_LOSS = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +54,8 @@ def test_a0d2_both_paths_agree(bcss_dir, tmp_path):
         assert scores["paths"][path]["dice"]["tumor"] >= MIN_A0D2_TUMOR_DICE, path
         assert scores["paths"][path]["dice"]["other"] is None  # no "other" in the mask or the prediction
     assert scores["agreement"] >= MIN_AGREEMENT
+    loss = scores["paths"]["region"]["mean_dice"] - scores["paths"]["pipeline"]["mean_dice"]
+    assert loss <= MAX_MEAN_DICE_LOSS
     for name in ("per_class.csv", "per_region.csv", "confusion_region.csv", "confusion_pipeline.csv",
                  "confusion_region.png", "confusion_pipeline.png", "model_card.json", "model_card.md"):
         assert (out / name).is_file(), name

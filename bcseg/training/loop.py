@@ -1,6 +1,6 @@
 """The training run: data and splits, model set-up, epochs of optimizer steps, validation, checkpoints.
 
-A run folder holds ``config.json`` (the settings), ``split.json`` (regions per split),
+A run folder contains ``config.json`` (the settings), ``split.json`` (regions per split),
 ``state.pt`` (everything needed to resume: weights, optimizer, schedule, random states),
 ``last.safetensors`` and ``best.safetensors`` (model checkpoints), and the metrics table and plot.
 ``state.pt`` is written after every epoch and when a run is stopped, so ``resume`` continues
@@ -197,7 +197,7 @@ class _Run:
         state_path = self.run_dir / STATE_FILE
         if not self.resume and state_path.exists():
             raise BadInputError(
-                f"{self.run_dir}: already holds a training run; continue it with --resume {self.run_dir} "
+                f"{self.run_dir}: already contains a training run; continue it with --resume {self.run_dir} "
                 "or choose another --out"
             )
         if self.group.is_main:
