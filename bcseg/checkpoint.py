@@ -64,8 +64,9 @@ class ModelInfo:
     @property
     def image_pooling_px(self) -> int | None:
         """Window of the ASPP image pooling at inference: the training patch side, when the recipe records it."""
-        patch = (self.provenance.get("recipe") or {}).get("tile_size")
-        return int(patch) if patch else None
+        recipe = self.provenance.get("recipe")
+        patch = recipe.get("tile_size") if isinstance(recipe, dict) else None
+        return int(patch) if isinstance(patch, (int, float)) and patch > 0 else None
 
     def to_json(self) -> dict[str, Any]:
         return {

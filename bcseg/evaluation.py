@@ -103,6 +103,10 @@ def evaluate(settings: EvaluationSettings) -> dict:
         raise BadInputError(f"{out_dir} already exists; choose another --out or remove it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    # mkdtemp creates the folder private (0700); give the report the umask's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work_dir, 0o777 & ~umask)
     try:
         matrices = {path: np.zeros((num_classes, num_classes), dtype=np.int64) for path in PATHS}
         regions: list[RegionScore] = []

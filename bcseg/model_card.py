@@ -48,6 +48,10 @@ def build_card(loaded, scores: dict) -> dict:
         },
         "evaluation": {
             "data_dir": Path(scores["data_dir"]).name,
+            "region_names": [region["name"] for region in scores["per_region"]],
+            "trained_on": sorted(
+                {region["name"] for region in scores["per_region"]} & set(_training_names(provenance))
+            ),
             "mode": scores["mode"],
             "regions": scores["regions"],
             "sites": scores["sites"],
@@ -65,6 +69,11 @@ def build_card(loaded, scores: dict) -> dict:
             "the evaluation data are those test sites."
         ),
     }
+
+
+def _training_names(provenance: dict) -> list[str]:
+    regions = provenance.get("training_regions") or provenance.get("training_data") or []
+    return [region["file"] for region in regions if isinstance(region, dict) and "file" in region]
 
 
 def write_model_card(folder: Path, loaded, scores: dict) -> dict:
@@ -93,16 +102,29 @@ def card_markdown(card: dict) -> str:
         if part in split:
             lines.append(f"- {part}: {split[part]['regions']} regions, sites {', '.join(split[part]['sites']) or '-'}")
     recipe = training.get("recipe") or {}
+    regions = training.get("regions") or []
+    if regions:
+        names = [region["file"] for region in regions if isinstance(region, dict) and "file" in region]
+        lines.append(f"- training regions ({len(names)}): {', '.join(names)}")
     for key in ("loss", "optimizer", "schedule", "initialization", "epochs", "batch_size", "lr", "tile_size", "sampling"):
         if key in recipe:
             lines.append(f"- {key}: {recipe[key]}")
     if training.get("steps") is not None:
         lines.append(f"- steps run: {training['steps']} ({training.get('train_seconds')} s on {training.get('machine')})")
     lines += ["", "## Evaluation", ""]
+    settings = evaluation["settings"]
+    count = evaluation["regions"]
     lines.append(
-        f"{evaluation['regions']} regions from sites {', '.join(evaluation['sites'])} in `{evaluation['data_dir']}`, "
-        f"scored at the masks' resolution ({evaluation['mode']}). Pipeline settings: {evaluation['settings']}."
+        f"{count} region{'' if count == 1 else 's'} from site{'' if len(evaluation['sites']) == 1 else 's'} "
+        f"{', '.join(evaluation['sites'])} in `{evaluation['data_dir']}`, scored at the masks' resolution "
+        f"({evaluation['mode']}): {', '.join(evaluation['region_names'])}. Pipeline settings: "
+        f"{settings['tile_size_px']} px tiles, {settings['overlap_px']} px overlap, {settings['blend_mode']} blending, "
+        f"tissue detection {'on' if settings['tissue_detection'] else 'off'}."
     )
+    if evaluation["trained_on"]:
+        lines += ["", f"**Warning: {len(evaluation['trained_on'])} of these regions were in the training data** "
+                  f"({', '.join(evaluation['trained_on'])}), so their scores do not measure generalisation and do "
+                  "not compare with the published scores below."]
     agreement = evaluation["pipeline_region_agreement"]
     if agreement is not None:
         lines.append(f"Whole-slide pipeline versus whole-region inference: **{agreement:.2%}** of scored pixels agree.")

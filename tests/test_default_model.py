@@ -87,7 +87,8 @@ def float_model_rounding_to(path, seed: int) -> torch.nn.Module:
         scale = scale.reshape((-1,) + (1,) * (tensor.ndim - 1))
         noise = torch.rand(tensor.shape, generator=generator) - 0.5
         state[name] = (tensor.float() + noise) * scale
-    model = build_model()
+    # The same image pooling as the loaded model, so the two differ only by int8 rounding.
+    model = build_model(image_pooling_px=load_checkpoint(path).info.image_pooling_px)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

@@ -130,6 +130,7 @@ def test_resume_equals_uninterrupted_run(a0sk_tiles, tmp_path):
 
     stopped = train(tiny_config(a0sk_tiles, tmp_path / "stopped", **options), stop_after_first_step)
     assert stopped.stopped_early
+    assert stopped.stopped_by_signal
     assert stopped.steps_done == 1
     state = torch.load(tmp_path / "stopped" / "state.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (0, 1, 1)

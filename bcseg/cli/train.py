@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from bcseg.errors import BadInputError
+
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 from bcseg.training.splits import DEFAULT_TEST_SITES
 
 
@@ -107,7 +109,8 @@ def execute(args: argparse.Namespace) -> int:
     state = "stopped early, continue with --resume" if result.stopped_early else "finished"
     print(f"{state}: {result.epochs_done} epochs, {result.steps_done} steps ({result.seconds_per_step:.2f} s/step); "
           f"best validation {result.best_score_name or 'score'} {score}; {result.best_path}")
-    return 0
+    # A run stopped by SIGTERM exits as a terminated process would, so job schedulers see it unfinished.
+    return EXIT_TERMINATED if result.stopped_by_signal else 0
 
 
 def config_from_args(args: argparse.Namespace):

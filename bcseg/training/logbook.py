@@ -14,7 +14,7 @@ from pathlib import Path
 from bcseg.classes import CLASS_NAMES
 
 CSV_FIELDS = (
-    ["epoch", "step", "lr", "loss", "cross_entropy", "dice_loss", "val_mean_dice", "val_tumor_dice"]
+    ["epoch", "step", "lr", "loss", "cross_entropy", "dice_loss", "val_mean_dice", "val_binary_tumor_dice"]
     + [f"val_dice_{name}" for name in CLASS_NAMES]
     + ["epoch_seconds", "elapsed_seconds"]
 )
@@ -104,7 +104,7 @@ def _flat_row(record: dict) -> dict:
     validation = record.get("validation") or {}
     row = {key: record.get(key) for key in ("epoch", "step", "lr", "loss", "cross_entropy", "dice_loss")}
     row["val_mean_dice"] = validation.get("mean_dice")
-    row["val_tumor_dice"] = (record.get("validation_binary") or {}).get("tumor_dice", (validation.get("dice") or {}).get("tumor"))
+    row["val_binary_tumor_dice"] = (record.get("validation_binary") or {}).get("tumor_dice")
     for name in CLASS_NAMES:
         row[f"val_dice_{name}"] = (validation.get("dice") or {}).get(name)
     row["epoch_seconds"] = record.get("epoch_seconds")

@@ -121,6 +121,7 @@ class TrainResult:
     best_score_name: str | None
     seconds_per_step: float
     stopped_early: bool
+    stopped_by_signal: bool = False  # SIGTERM, as opposed to --max-minutes
 
 
 class _StopRequest:
@@ -382,7 +383,9 @@ class _Run:
 
         steps_run = self.step - steps_at_start
         seconds_per_step = (time.monotonic() - started) / max(steps_run, 1)
-        return self._result(seconds_per_step, stopped_early)
+        result = self._result(seconds_per_step, stopped_early)
+        result.stopped_by_signal = stopped_early and stop.requested
+        return result
 
     def _optimizer_step(self) -> float:
         config = self.config
