@@ -84,7 +84,8 @@ def test_local_cluster_batch_isolates_failures(tmp_path, shared_data, coarse_mod
     assert rows["dicom_boxes"]["status"] in ("done", "no_tissue")
     assert "broken.svs is not a slide that can be read" in rows["broken"]["reason"]
     assert "not-a-slide.tif is not a slide that can be read" in rows["not-a-slide"]["reason"]
-    assert "unreadable.svs: reading level 0" in rows["unreadable"]["reason"]
+    assert "unreadable.svs: pixels at level-0 (x=0, y=0)" in rows["unreadable"]["reason"]
+    assert "--fill-bad-tiles" in rows["unreadable"]["reason"]
     for name in ("broken", "unreadable", "not-a-slide"):
         assert rows[name]["status"] == "failed"
         assert not (out_dir / name).exists()

@@ -275,7 +275,7 @@ def test_corrupt_tile_fails_then_fills(tmp_path, capsys):
 
     exit_code, _, err = run_cli(capsys, path, out_dir)
     assert_clean_error(exit_code, err, out_dir)
-    assert re.search(r"corrupt\.svs: pixels at level-0 \(x=\d+, y=\d+\), \d+ x \d+ px .*failed to decode.*--fill-bad-tiles", err)
+    assert re.search(r"corrupt\.svs: pixels at level-0 \(x=\d+, y=\d+\), \d+ x \d+ px, .*failed to decode.*--fill-bad-tiles", err)
 
     exit_code, out, err = run_cli(capsys, path, out_dir, "--fill-bad-tiles", *SMALL_TILES)
     assert exit_code == 0, err

@@ -231,8 +231,8 @@ def tile_decode_error(slide: Slide, level: int, lv_box: tuple[int, int, int, int
     downsample = slide.level_downsamples[level]
     l0_box = (round(lv_x0 * downsample), round(lv_y0 * downsample), round((lv_x1 - lv_x0) * downsample), round((lv_y1 - lv_y0) * downsample))
     return TileDecodeError(
-        f"{slide.path}: pixels at level-0 (x={l0_box[0]}, y={l0_box[1]}), {l0_box[2]} x {l0_box[3]} px "
-        f"(level {level}), failed to decode: {error}. The slide file is damaged there; re-export or "
+        f"{slide.path}: pixels at level-0 (x={l0_box[0]}, y={l0_box[1]}), {l0_box[2]} x {l0_box[3]} px, "
+        f"read from level {level}, failed to decode: {error}. The slide file is damaged there; re-export or "
         "re-scan it, or pass --fill-bad-tiles to treat tiles that fail to decode as background",
         l0_box,
     )
