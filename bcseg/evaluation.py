@@ -27,10 +27,10 @@ from bcseg.errors import BadInputError
 from bcseg.metrics import confusion_matrix, summarize
 from bcseg.training.data import BINARY_TUMOR_VALUE, find_pairs, read_pair, resample, resolution_of
 from bcseg.training.splits import site_of
+from bcseg.training.validation import TUMOR_CHANNEL
 
 log = logging.getLogger(__name__)
 
-TUMOR_CHANNEL = CLASS_NAMES.index("tumor")
 BINARY_NAMES = ("rest", "tumor")
 PATHS = ("region", "pipeline")
 # The pipeline labels pixels outside detected tissue as background. In class mode this is an

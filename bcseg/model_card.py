@@ -97,10 +97,12 @@ def card_markdown(card: dict) -> str:
         "## Training",
         "",
     ]
+
     split = training.get("split") or {}
     for part in ("train", "validation", "test"):
         if part in split:
             lines.append(f"- {part}: {split[part]['regions']} regions, sites {', '.join(split[part]['sites']) or '-'}")
+
     recipe = training.get("recipe") or {}
     regions = training.get("regions") or []
     if regions:
@@ -111,6 +113,7 @@ def card_markdown(card: dict) -> str:
             lines.append(f"- {key}: {recipe[key]}")
     if training.get("steps") is not None:
         lines.append(f"- steps run: {training['steps']} ({training.get('train_seconds')} s on {training.get('machine')})")
+
     lines += ["", "## Evaluation", ""]
     settings = evaluation["settings"]
     count = evaluation["regions"]
@@ -125,9 +128,11 @@ def card_markdown(card: dict) -> str:
         lines += ["", f"**Warning: {len(evaluation['trained_on'])} of these regions were in the training data** "
                   f"({', '.join(evaluation['trained_on'])}), so their scores do not measure generalisation and do "
                   "not compare with the published scores below."]
+
     agreement = evaluation["pipeline_region_agreement"]
     if agreement is not None:
         lines.append(f"Whole-slide pipeline versus whole-region inference: **{agreement:.2%}** of scored pixels agree.")
+
     lines += ["", "| model | " + " | ".join(_columns(evaluation)) + " |", "|---|" + "---|" * len(_columns(evaluation))]
     for path, scores in evaluation["scores"].items():
         lines.append(f"| this model, {path} path | " + " | ".join(_cells(scores, _columns(evaluation))) + " |")

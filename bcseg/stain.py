@@ -3,7 +3,7 @@
 Macenko's method (ISBI 2009) estimates each image's haematoxylin and eosin vectors and maps its
 stain concentrations onto the target's; Reinhard's (2001) matches the mean and standard deviation
 of each LAB channel. A fitted normalizer is stored as a small JSON-ready dict in the checkpoint,
-so the model sees the same normalization in training, evaluation and whole-slide inference.
+so the model receives the same normalization in training, evaluation and whole-slide inference.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_model_card_lists_scores_and_anchors(small_report):
     markdown = (out / "model_card.md").read_text()
     assert "| VGG16-FCN8 (Amgad et al. 2019) | 0.851 | 0.800 | 0.712 | 0.723 | 0.666 | 0.750 |" in markdown
     assert "this model, region path" in markdown
-    # A0D2 is a training region of the bundled model, and the card must say so.
+    # A0D2 is a training region of the bundled model, and the card must warn about it.
     assert card["evaluation"]["trained_on"] == [A0D2]
     assert "Warning: 1 of these regions were in the training data" in markdown
     assert "agree" in markdown

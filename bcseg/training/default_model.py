@@ -20,7 +20,7 @@ import torch
 from bcseg.checkpoint import DEFAULT_MODEL_PATH, file_sha256, load_checkpoint, save_checkpoint
 from bcseg.metrics import binary_dice
 from bcseg.training.data import load_binary_validation
-from bcseg.training.loop import TUMOR_CHANNEL
+from bcseg.training.validation import TUMOR_CHANNEL
 from bcseg.training.predict import predict_labels
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ exactly where the last save left off.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,18 +32,17 @@ from bcseg.classes import CLASS_NAMES, DEFAULT_BCSS_GROUPS, code_lookup_table
 from bcseg.errors import BadInputError
 from bcseg.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, build_model
 from bcseg.training import distributed
-from bcseg.training.augment import Augmentation
+from bcseg.training.augment import NO_AUGMENTATION, Augmentation
 from bcseg.training.data import PatchSampler, class_pixel_counts, class_weights, find_pairs, load_regions
 from bcseg.training.logbook import Logbook
 from bcseg.training.losses import DiceCrossEntropyLoss
-from bcseg.training.model_setup import load_backbone_weights, model_info, freeze_backbone
+from bcseg.training.model_setup import freeze_backbone, load_backbone_weights, model_info
 from bcseg.training.predict import normalize
 from bcseg.training.splits import DEFAULT_TEST_SITES, DEFAULT_VALIDATION_FRACTION, Split, read_split_file, split_by_site
-from bcseg.training.validation import Validation, selection_score
+from bcseg.training.validation import TUMOR_CHANNEL, Validation, selection_score  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-TUMOR_CHANNEL = CLASS_NAMES.index("tumor")
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.json"
 STATE_FILE = "state.pt"
@@ -248,12 +248,8 @@ class _Run:
             "training pixels per class %s; loss weights %s",
             dict(zip(CLASS_NAMES, self.counts.tolist())), np.round(self.weights, 3).tolist(),
         )
-        augmentation = Augmentation(scale_range=config.scale_range)
-        if not config.colour_jitter:
-            augmentation = Augmentation(
-                scale_range=config.scale_range, hed_scale=0.0, hed_shift=0.0,
-                saturation_range=(1.0, 1.0), brightness_range=(1.0, 1.0), contrast_range=(1.0, 1.0),
-            )
+        base = Augmentation() if config.colour_jitter else NO_AUGMENTATION
+        augmentation = dataclasses.replace(base, scale_range=tuple(config.scale_range))
         self.augmentation = augmentation
         self.sampler = PatchSampler(
             self.train_regions, config.tile_size, np.random.default_rng([config.seed, self.group.rank]), augmentation
@@ -272,7 +268,7 @@ class _Run:
     def _build_model(self) -> None:
         config = self.config
         torch.manual_seed(config.seed)
-        if config.init_from is not None:
+        if config.init_from is not None and not self.resume:
             loaded = load_checkpoint(config.init_from)
             if abs(loaded.info.mpp - config.mpp) > 1e-6:
                 raise BadInputError(
@@ -284,7 +280,7 @@ class _Run:
             log.info("starting from the weights of %s", config.init_from)
         else:
             model = build_model(ARCHITECTURE, image_pooling_px=config.tile_size)
-            if config.backbone_weights is not None:
+            if config.backbone_weights is not None and not self.resume:
                 load_backbone_weights(model, config.backbone_weights)
         if config.freeze_backbone:
             freeze_backbone(model)

@@ -69,9 +69,9 @@ def split_by_site(
     """Assign each region name to train, validation or test by its site.
 
     Regions of ``test_sites`` form the test split. Validation takes ``validation_sites`` when
-    given; otherwise whole sites, drawn in a seeded order, until at least ``validation_fraction``
-    of the remaining regions are in it, always leaving one site for training. With a single
-    remaining site there is no validation split, and a warning says so.
+    given. Otherwise it takes whole sites, drawn in a seeded order, until it contains at least
+    ``validation_fraction`` of the remaining regions, and at least one site is left for training.
+    With a single remaining site there is no validation split, and a warning is logged.
     """
     if not 0 <= validation_fraction < 1:
         raise BadInputError(f"--val-fraction must be in [0, 1), got {validation_fraction}")
