@@ -1,6 +1,6 @@
-"""Unusual slides at the reader level: resolution metadata, pyramid layouts, sparse and very large
-images, JPEG 2000 tiles, tiles that fail to decode and damaged files, all on synthetic TIFF files
-written with tifffile."""
+"""Unusual slides at the reader level: resolution metadata, pyramid layouts, bounds offsets, sparse
+and very large images, JPEG 2000 tiles, tiles that fail to decode and damaged files, all on
+synthetic TIFF files written with tifffile."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import textwrap
 from pathlib import Path
 
 import cv2
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
 
 from bcseg.errors import BadInputError, TileDecodeError
 from pipeline.slide import open_slide
+from tests.leica_scn import write_leica_scn
 
 BACKENDS = ("openslide", "tifffile")
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +159,57 @@ def test_thumbnail_pages_are_not_levels(tmp_path, layout, expected_levels):
         assert abs(y - 350 / 12) <= 1.0, backend
 
 
+# Bounds offsets: a Leica SCN slide whose scanned region starts at level-0 (1024, 608) in a
+# slide of 4000 x 3000 pixels. The square is at (320, 192)-(704, 448) of the scanned region.
+SCN_BOUNDS = (1024, 608, 1024, 768)
+SCN_SQUARE = (320, 192, 704, 448)
+
+
+@pytest.fixture(scope="module")
+def leica_scn(tmp_path_factory) -> Path:
+    main = stained_patch_slide(SCN_BOUNDS[3], SCN_BOUNDS[2], SCN_SQUARE)
+    return write_leica_scn(tmp_path_factory.mktemp("scn") / "offset.scn", main, SCN_BOUNDS[:2], (4000, 3000))
+
+
+def test_leica_bounds_keep_full_level0_frame(leica_scn):
+    bounds_x, bounds_y, bounds_width, bounds_height = SCN_BOUNDS
+    x0, y0, x1, y1 = SCN_SQUARE
+    with open_slide(leica_scn) as slide:
+        assert slide.backend == "openslide"
+        assert slide.vendor == "leica"
+        assert slide.level_dimensions == ((4000, 3000), (2000, 1500))
+        assert slide.mpp == 0.5
+        bounds = [slide.properties[f"openslide.bounds-{name}"] for name in ("x", "y", "width", "height")]
+        assert bounds == [str(value) for value in SCN_BOUNDS]
+        scanned = slide.read_level_region(0, bounds_x, bounds_y, bounds_width, bounds_height)
+        left_of_bounds = slide.read_level_region(0, 0, 0, bounds_x, 3000)
+        above_bounds = slide.read_level_region(0, bounds_x, 0, bounds_width, bounds_y)
+        level1 = slide.read_level_region(1, 0, 0, 2000, 1500)
+        tissue_view = slide.read_region_at_mpp(0, 0, *slide.size_at_mpp(8.0), 8.0)
+
+    # The square's centre lies at level-0 (1536, 928): the bounds origin plus its place in the
+    # scanned region. Outside the bounds OpenSlide returns transparent pixels, read as white.
+    centre_x, centre_y = bounds_x + (x0 + x1) / 2, bounds_y + (y0 + y1) / 2
+    x, y = dark_centroid(scanned)
+    assert abs(bounds_x + x - centre_x) <= 0.5
+    assert abs(bounds_y + y - centre_y) <= 0.5
+    assert (left_of_bounds == 255).all()
+    assert (above_bounds == 255).all()
+    x, y = dark_centroid(level1)
+    assert abs(2 * x - centre_x) <= 1.0
+    assert abs(2 * y - centre_y) <= 1.0
+    x, y = dark_centroid(tissue_view)
+    assert abs(16 * x - centre_x) <= 16
+    assert abs(16 * y - centre_y) <= 16
+
+
+def test_leica_rejected_by_tifffile_backend(leica_scn):
+    # tifffile sees the macro and the main image as separate series without their offsets, so
+    # reading either as the slide would put every pixel in the wrong place.
+    with pytest.raises(BadInputError, match=r"offset\.scn is a Leica SCN slide.*openslide backend"):
+        open_slide(leica_scn, backend="tifffile")
+
+
 def write_sparse_slide(path: Path, height: int, width: int, tissue_tiles: set[tuple[int, int]]) -> Path:
     """A JPEG-tiled TIFF of 512-pixel tiles that stores only the tiles in ``tissue_tiles``
     (row, col) plus one white tile, at 0.5 microns per pixel."""
@@ -177,6 +230,7 @@ def write_sparse_slide(path: Path, height: int, width: int, tissue_tiles: set[tu
 SPARSE_RUN = r"""
 import json, re, sys
 from pipeline.slide import open_slide
+from tests.leica_scn import write_leica_scn
 from pipeline.tissue import detect_tissue
 from pipeline.tiling import TileGrid, select_tissue_tiles, write_tiles
 
@@ -247,6 +301,50 @@ def test_jpeg2000_svs_reads_exact_pixels(tmp_path, backend):
         assert slide.vendor == "aperio"
         assert slide.mpp == 0.5
         assert np.array_equal(slide.read_level_region(0, 0, 0, 768, 512), pixels)
+
+
+def ycbcr_from_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Full-range (JFIF) YCbCr of RGB uint8 pixels, rounded."""
+    ycrcb = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2YCrCb)
+    return np.ascontiguousarray(ycrcb[..., [0, 2, 1]])
+
+
+def write_aperio_ycbcr_svs(path: Path, pixels: np.ndarray) -> Path:
+    """Write an SVS with Aperio compression 33003: each 256-pixel tile a lossless JPEG 2000
+    codestream of YCbCr components, without the multiple-component transform."""
+    height, width = pixels.shape[:2]
+    tiles = (
+        imagecodecs.jpeg2k_encode(ycbcr_from_rgb(pixels[y : y + 256, x : x + 256]), level=0, codecformat="J2K", mct=False)
+        for y in range(0, height, 256)
+        for x in range(0, width, 256)
+    )
+    tifffile.imwrite(
+        path, tiles, shape=pixels.shape, dtype=np.uint8, tile=(256, 256), photometric="rgb", compression=33003,
+        description=APERIO_DESCRIPTION.format(width=width, height=height), metadata=None,
+    )
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jpeg2000_ycbcr_svs_reads_rgb(tmp_path, backend):
+    # Random colours in the lower half cover the whole YCbCr range; the square and the glass are
+    # the colours of a slide.
+    pixels = stained_patch_slide(512, 768, (200, 100, 600, 400))
+    pixels[400:] = np.random.default_rng(0).integers(0, 256, (112, 768, 3), dtype=np.uint8)
+    path = write_aperio_ycbcr_svs(tmp_path / "j2k-ycbcr.svs", pixels)
+    with tifffile.TiffFile(path) as tiff:
+        stored = tiff.pages.first.asarray()
+
+    with open_slide(path, backend=backend) as slide:
+        assert slide.vendor == "aperio"
+        assert slide.mpp == 0.5
+        region = slide.read_level_region(0, 0, 0, 768, 512)
+
+    # The file stores YCbCr, so a reader that skips the conversion reads the square as
+    # (66, 170, 145). Rounding to 8-bit YCbCr and back moves a sample by at most 1.
+    assert np.array_equal(stored, ycbcr_from_rgb(pixels))
+    assert np.abs(region.astype(np.int16) - pixels).max() <= 1
+    assert np.abs(region[200, 300].astype(np.int16) - (90, 40, 140)).max() <= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

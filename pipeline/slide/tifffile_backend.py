@@ -6,7 +6,7 @@ strips it touches and a level is never loaded whole.
 
 Not supported, rejected with BadInputError: samples other than 8-bit unsigned, grayscale and
 multi-channel (fluorescence) images, several planes (z, time), compressions that tifffile and
-imagecodecs cannot decode.
+imagecodecs cannot decode, and Leica SCN files, whose images sit at offsets in the slide.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
 import numpy as np
 import tifffile
 import zarr
@@ -39,6 +40,9 @@ LARGE_CHUNK_BYTES = 64 << 20
 PROPERTY_TAGS = ("ImageDescription", "Make", "Model", "Software", "DateTime", "XResolution", "YResolution", "ResolutionUnit")
 # Exceptions a damaged or undecodable tile raises from tifffile, imagecodecs and zarr.
 DECODE_ERRORS = (ValueError, RuntimeError, OSError)
+# Aperio's JPEG 2000 compression whose codestream stores YCbCr components without the
+# multiple-component transform. Aperio's RGB variant is 33005.
+APERIO_JP2K_YCBCR = 33003
 
 
 class TiffFileBackend(Slide):
@@ -80,6 +84,14 @@ class TiffFileBackend(Slide):
     def _open_levels(self) -> None:
         if not self._tiff.series:
             raise BadInputError(f"{self.path}: the TIFF file contains no image; it is truncated or damaged")
+        if self._tiff.is_scn:
+            # tifffile returns the macro image and each scanned region as separate series, with
+            # no offsets, so no single series is the slide in its level-0 frame.
+            raise BadInputError(
+                f"{self.path} is a Leica SCN slide, whose scanned regions lie at offsets in the slide; "
+                "the tifffile backend cannot place them. Open it with the openslide backend, which "
+                "open_slide chooses for SCN files by default"
+            )
         series = self._tiff.series[0]
         page = series.levels[0].keyframe
         self._alpha_mode = _check_pixel_format(self.path, series, page)
@@ -87,6 +99,7 @@ class TiffFileBackend(Slide):
         self._levels = []
         self._axes = []
         self._stored_chunks = []
+        self._ycbcr_levels = []
         level_dimensions = []
         for index, level in enumerate(series.levels):
             # Tiles or strips the file leaves out (sparse TIFF) read as white background.
@@ -98,6 +111,7 @@ class TiffFileBackend(Slide):
                 )
             self._levels.append(array)
             self._axes.append(level.axes)
+            self._ycbcr_levels.append(level.keyframe.compression == APERIO_JP2K_YCBCR)
             self._stored_chunks.append(_stored_chunk_map(level, array.shape[level.axes.index("Y")], array.shape[level.axes.index("X")]))
             level_dimensions.append((array.shape[level.axes.index("X")], array.shape[level.axes.index("Y")]))
         self._warn_on_large_chunks()
@@ -198,6 +212,8 @@ class TiffFileBackend(Slide):
             raise tile_decode_error(self, level, (lv_x0, lv_y0, lv_x1, lv_y1), error) from error
 
         pixels = np.transpose(pixels, [kept_axes.index(axis) for axis in "YX"] + [i for i, axis in enumerate(kept_axes) if axis in "SC"])
+        if self._ycbcr_levels[level]:
+            pixels = _rgb_from_ycbcr(pixels)
         if self._alpha_mode is None:
             return pixels[..., :3]
         return composite_on_white(pixels, premultiplied=self._alpha_mode == EXTRASAMPLE_ASSOCIATED_ALPHA)
@@ -249,6 +265,21 @@ def _check_pixel_format(path: Path, series: tifffile.TiffPageSeries, page: tifff
         return alpha
     log.info("%s: the fourth sample is not marked as alpha (ExtraSamples %s); ignoring it", path, extrasamples)
     return None
+
+
+def _rgb_from_ycbcr(pixels: np.ndarray) -> np.ndarray:
+    """Convert full-range (JFIF) YCbCr uint8 pixels (rows, cols, 3 or more) to RGB; samples past
+    the third are kept.
+
+    NOTE: tifffile 2026.3.3 with imagecodecs 2026.3.6 returns Aperio 33003 tiles as stored, in
+    YCbCr. Should a later tifffile convert them itself, the colours come out wrong here and the
+    33003 reader test fails.
+    """
+    ycrcb = np.ascontiguousarray(pixels[..., [0, 2, 1]])
+    rgb = cv2.cvtColor(ycrcb, cv2.COLOR_YCrCb2RGB)
+    if pixels.shape[-1] == 3:
+        return rgb
+    return np.concatenate([rgb, pixels[..., 3:]], axis=-1)
 
 
 def _stored_chunk_map(level: tifffile.TiffPageSeries, height: int, width: int) -> tuple[np.ndarray, int, int] | None:
