@@ -263,6 +263,7 @@ def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_s
             "backend": slide.backend,
             "vendor": slide.vendor,
             "dimensions_px": list(slide.dimensions),
+            "l0_bounds": list(slide.l0_bounds) if slide.l0_bounds else None,
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
             "level_count": slide.level_count,

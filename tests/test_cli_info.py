@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bcseg.cli import EXIT_BAD_INPUT, main
 from pipeline.slide import slide_fingerprint
+from tests.leica_scn import write_leica_scn
 
 
 def test_info_text_on_cmu_slide(shared_data, capsys):
@@ -32,6 +34,18 @@ def test_info_json_lists_levels(shared_data, capsys):
     assert info["levels"][2]["downsample"] == pytest.approx((2220 / 555 + 2967 / 741) / 2)
     assert info["levels"][2]["mpp"] == pytest.approx(0.499 * info["levels"][2]["downsample"])
     assert info["fingerprint"].startswith("sha256:")
+
+
+def test_info_shows_bounds_offset(tmp_path, capsys):
+    scanned = np.full((256, 512, 3), 242, dtype=np.uint8)
+    slide_path = write_leica_scn(tmp_path / "offset.scn", scanned, (1024, 608), (4000, 3000))
+
+    assert main(["info", str(slide_path)]) == 0
+    output = capsys.readouterr().out
+    assert "4000 x 3000" in output
+    assert "bounds       512 x 256 at level-0 x=1024, y=608 (the scanned area)" in output
+    assert main(["info", str(slide_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["l0_bounds"] == [1024, 608, 512, 256]
 
 
 def test_info_png_needs_mpp(shared_data, capsys):

@@ -21,6 +21,7 @@ import tifffile
 
 from bcseg.cli import main
 from pipeline.run import COMPLETE_NAME
+from tests.leica_scn import write_leica_scn
 from tests.qupath_rules import check_feature_collection
 from tests.test_checkpoint import CreatesFileWhenUnpickled
 
@@ -191,6 +192,64 @@ def test_odd_sizes_keep_slide_frame(tmp_path, capsys, width, height):
     collection = json.loads((output_dir / "odd.geojson").read_text())
     assert check_feature_collection(collection, image_width=width, image_height=height) == []
     assert read_summary(output_dir)["label_map"] == {"width_px": width, "height_px": height, "mpp": 0.5, "l0_per_px": 1.0}
+
+
+@pytest.mark.slow
+def test_bounds_offset_keeps_full_frame(tmp_path, capsys):
+    # A Leica SCN slide of 4000 x 3000 level-0 pixels whose scanned region, 1024 x 768, starts at
+    # (1024, 608). Tissue fills level-0 x 1344-1728, y 800-1056, on edges of the 8-micron
+    # (16-pixel) tissue-mask grid so that the mask has no partly covered pixels.
+    l0_tissue = (1344, 800, 1728, 1056)
+    scanned = np.full((768, 1024, 3), 242, dtype=np.uint8)
+    scanned[800 - 608 : 1056 - 608, 1344 - 1024 : 1728 - 1024] = tissue_patch(256, 384)
+    path = write_leica_scn(tmp_path / "offset.scn", scanned, (1024, 608), (4000, 3000))
+
+    exit_code, _, err = run_cli(capsys, path, tmp_path / "out", *SMALL_TILES)
+
+    assert exit_code == 0, err
+    output_dir = tmp_path / "out" / "offset"
+    summary = read_summary(output_dir)
+    assert summary["slide"]["dimensions_px"] == [4000, 3000]
+    assert summary["slide"]["l0_bounds"] == [1024, 608, 1024, 768]
+    assert summary["label_map"]["l0_per_px"] == 1.0
+
+    # GeoJSON: the regions of all classes together cover the tissue, in the full level-0 frame.
+    from shapely import unary_union
+    from shapely.geometry import shape
+
+    collection = json.loads((output_dir / "offset.geojson").read_text())
+    assert check_feature_collection(collection, image_width=4000, image_height=3000) == []
+    covered = unary_union([shape(feature["geometry"]) for feature in collection["features"]])
+    assert covered.bounds == pytest.approx(l0_tissue, abs=2)
+    assert covered.area == pytest.approx(384 * 256, rel=0.02)
+
+    # Label image and tissue mask: tissue only at that place; the rest of the slide, inside the
+    # bounds or outside them (transparent in OpenSlide), is background.
+    labels = tifffile.imread(output_dir / "labels.tif")
+    assert labels.shape == (3000, 4000)
+    rows, cols = np.nonzero(labels)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == l0_tissue
+    from PIL import Image
+
+    tissue = np.asarray(Image.open(output_dir / "tissue.png")) > 0
+    assert tissue.shape == (188, 250)  # 8 microns (16 level-0 pixels) per pixel
+    rows, cols = np.nonzero(tissue)
+    assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == tuple(value // 16 for value in l0_tissue)
+
+    # Overlay: the saturated pixels (tissue under class colours) sit at the tissue's place, scaled
+    # to the overlay's width. The legend below the slide is left out.
+    import cv2
+
+    overlay = np.asarray(Image.open(output_dir / "overlay.png").convert("RGB"))
+    scale = overlay.shape[1] / 4000
+    saturated = cv2.cvtColor(np.ascontiguousarray(overlay[: round(3000 * scale)]), cv2.COLOR_RGB2HSV)[..., 1] > 60
+    rows, cols = np.nonzero(saturated)
+    box = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+    assert box == pytest.approx([value * scale for value in l0_tissue], abs=2)
+
+    # Tiles: only those that touch tissue. Stride 112 puts 5 tile columns and 3 tile rows over it.
+    assert summary["tiles"]["total"] == 36 * 27
+    assert 15 <= summary["tiles"]["with_tissue"] <= 6 * 4
 
 
 # Pixel formats and content.

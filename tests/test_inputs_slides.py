@@ -181,6 +181,7 @@ def test_leica_bounds_keep_full_level0_frame(leica_scn):
         assert slide.mpp == 0.5
         bounds = [slide.properties[f"openslide.bounds-{name}"] for name in ("x", "y", "width", "height")]
         assert bounds == [str(value) for value in SCN_BOUNDS]
+        assert slide.l0_bounds == SCN_BOUNDS
         scanned = slide.read_level_region(0, bounds_x, bounds_y, bounds_width, bounds_height)
         left_of_bounds = slide.read_level_region(0, 0, 0, bounds_x, 3000)
         above_bounds = slide.read_level_region(0, bounds_x, 0, bounds_width, bounds_y)
@@ -338,6 +339,7 @@ def test_jpeg2000_ycbcr_svs_reads_rgb(tmp_path, backend):
     with open_slide(path, backend=backend) as slide:
         assert slide.vendor == "aperio"
         assert slide.mpp == 0.5
+        assert slide.l0_bounds is None
         region = slide.read_level_region(0, 0, 0, 768, 512)
 
     # The file stores YCbCr, so a reader that skips the conversion reads the square as

@@ -52,6 +52,7 @@ def slide_info(slide) -> dict:
             for level, ((width, height), downsample) in enumerate(zip(slide.level_dimensions, slide.level_downsamples))
         ],
         "associated_images": list(slide.associated_image_names),
+        "l0_bounds": list(slide.l0_bounds) if slide.l0_bounds else None,
     }
 
 
@@ -68,6 +69,9 @@ def format_info(info: dict) -> str:
         size = f"{level['width']} x {level['height']}"
         lines.append(f"             {level['level']:<5}  {size:<15}  {level['downsample']:<10.4f}  {level['mpp']:.4g}")
     lines.append(f"associated   {', '.join(info['associated_images']) or 'none'}")
+    if info.get("l0_bounds"):
+        x, y, width, height = info["l0_bounds"]
+        lines.append(f"bounds       {width} x {height} at level-0 x={x}, y={y} (the scanned area)")
     if "fingerprint" in info:
         lines.append(f"fingerprint  {info['fingerprint']}")
     return "\n".join(lines)

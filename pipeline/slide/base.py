@@ -167,6 +167,20 @@ class Slide(ABC):
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
+    @property
+    def l0_bounds(self) -> tuple[int, int, int, int] | None:
+        """The scanned area as level-0 (x, y, width, height), from OpenSlide's ``bounds-*``
+        properties; None when the slide has none or they are not integers.
+
+        Positions stay in the full level-0 frame whatever the bounds are. The bounds only tell
+        where a reader that crops to them (QuPath's OpenSlide reader, by default) puts its origin.
+        """
+        try:
+            bounds = tuple(int(self.properties[f"openslide.bounds-{name}"]) for name in ("x", "y", "width", "height"))
+        except (KeyError, ValueError):
+            return None
+        return bounds
+
     def size_at_mpp(self, mpp: float) -> tuple[int, int]:
         """(width, height) of the whole slide resampled to ``mpp``, rounded up."""
         l0_per_px = mpp / self.mpp
