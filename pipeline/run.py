@@ -35,6 +35,10 @@ from pipeline.export.geojson import OBJECT_TYPES
 log = logging.getLogger(__name__)
 
 COMPLETE_NAME = "COMPLETE"
+# Where GeoJSON coordinates start. "bounds": at the corner of a slide's bounds offset, where the
+# image that QuPath's OpenSlide reader shows by default starts. "full": at the corner of the full
+# level-0 image, as openslide's read_region and QuPath with --no-crop have it.
+GEOJSON_FRAMES = ("bounds", "full")
 SUMMARY_NAME = "summary.json"
 OVERLAY_MAX_PX = 2048  # maximum length of the longer side of overlay.png
 # Label-map pixels the GeoJSON export traces at a time, at about 20 bytes each: 80 MB. Its
@@ -61,6 +65,7 @@ class RunSettings:
     tissue_detection: bool = True
     blend_mode: str = "gaussian"
     object_type: str = "annotation"
+    geojson_frame: str = "bounds"  # one of GEOJSON_FRAMES
     geojson_gzip: bool = False
     simplify_um: float = 0.0
     min_area_um2: float = 0.0
@@ -133,8 +138,12 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
     tile_size_px = settings.tile_size_px or loaded.info.tile_size_px
     if settings.object_type not in OBJECT_TYPES:
         raise BadInputError(f"--object-type {settings.object_type!r} is not one of {', '.join(OBJECT_TYPES)}")
+    if settings.geojson_frame not in GEOJSON_FRAMES:
+        raise BadInputError(f"--geojson-frame {settings.geojson_frame!r} is not one of {', '.join(GEOJSON_FRAMES)}")
     fingerprint = slide_fingerprint(slide_path)
-    record, record_key = complete_record(settings, tile_size_px, fingerprint, loaded.sha256)
+    record, record_key = complete_record(
+        settings, tile_size_px, fingerprint, loaded.sha256, choose_geojson_box(slide, settings.geojson_frame)
+    )
     output_dir = Path(settings.out_dir) / (settings.output_name or slide_output_name(slide_path))
 
     existing = read_complete_record(output_dir)
@@ -183,16 +192,47 @@ def run_slide(slide_path: str | os.PathLike, settings: RunSettings, progress: Pr
 
 
 def complete_record(
-    settings: RunSettings, tile_size_px: int, fingerprint: str, model_sha256: str
+    settings: RunSettings,
+    tile_size_px: int,
+    fingerprint: str,
+    model_sha256: str,
+    l0_geojson_box: tuple[int, int, int, int] | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """Return the COMPLETE record of a result and its key; equal keys mean a result can be reused."""
+    """Return the COMPLETE record of a result and its key; equal keys mean a result can be reused.
+
+    ``l0_geojson_box`` is what ``choose_geojson_box`` returns for the slide and settings.
+    """
+    output_settings = settings.output_affecting(tile_size_px)
+    # The GeoJSON frame enters the record only when it is not the full level-0 image. Records
+    # written before the frame could be chosen stay valid for the slides whose GeoJSON it does
+    # not change: those without a bounds offset.
+    if l0_geojson_box is not None:
+        output_settings["geojson_l0_box"] = list(l0_geojson_box)
     record = {
-        "settings": settings.output_affecting(tile_size_px),
+        "settings": output_settings,
         "slide_fingerprint": fingerprint,
         "model_sha256": model_sha256,
         "package_version": __version__,
     }
     return record, hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def choose_geojson_box(slide, frame: str) -> tuple[int, int, int, int] | None:
+    """Return the level-0 (x, y, width, height) of the image that GeoJSON coordinates are measured
+    in, or None when that is the slide's full level-0 image.
+
+    Only the "bounds" frame of a slide with a bounds offset differs from the full image. QuPath's
+    OpenSlide reader (OpenslideImageServer, QuPath 0.2 and later) adds (bounds-x, bounds-y) to
+    every level-0 position it reads and reports bounds-width by bounds-height as the image size,
+    unless the image was added with --no-crop.
+    """
+    if frame not in GEOJSON_FRAMES:
+        raise ValueError(f"frame must be one of {', '.join(GEOJSON_FRAMES)}, got {frame!r}")
+    if frame == "full" or slide.l0_bounds is None:
+        return None
+    if tuple(slide.l0_bounds) == (0, 0, *slide.dimensions):
+        return None
+    return tuple(slide.l0_bounds)
 
 
 def _run_stages(slide, slide_path, fingerprint, loaded, device, settings, tile_size_px, work_dir, timings, progress) -> dict:
@@ -300,11 +340,14 @@ def export_outputs(slide, labels, probabilities, mpp: float, settings: RunSettin
     from pipeline.export.overlay import downsample_labels, write_overlay
 
     geojson_name = f"{name}.geojson" + (".gz" if settings.geojson_gzip else "")
+    l0_x, l0_y, l0_width, l0_height = choose_geojson_box(slide, settings.geojson_frame) or (0, 0, *slide.dimensions)
     geojson_stats = write_geojson(
         work_dir / geojson_name, labels, mpp / slide.mpp, mpp, probabilities=probabilities,
         object_type=settings.object_type, simplify_um=settings.simplify_um, min_area_um2=settings.min_area_um2,
-        band_rows=max(64, min(1024, GEOJSON_BAND_PIXELS // labels.shape[1])), l0_image_size=slide.dimensions,
+        band_rows=max(64, min(1024, GEOJSON_BAND_PIXELS // labels.shape[1])),
+        l0_image_size=(l0_width, l0_height), l0_origin=(l0_x, l0_y),
     )
+    geojson_stats.update(frame=settings.geojson_frame, l0_origin=[l0_x, l0_y])
     write_label_tiff(work_dir / "labels.tif", labels, mpp)
     overlay_mpp = max(mpp, max(slide.dimensions) * slide.mpp / OVERLAY_MAX_PX)
     thumb_width, thumb_height = slide.size_at_mpp(overlay_mpp)

@@ -445,6 +445,31 @@ def test_clip_to_image_size(tmp_path):
     assert shape(collection["features"][0]["geometry"]).bounds == (0.0, 0.0, 9.5, 8.0)
 
 
+def test_origin_shifts_and_clips(tmp_path):
+    # Class 1 covers level-0 x 4..10, y 6..12 (2 level-0 pixels per label pixel). Measured from
+    # level-0 (3, 5) and clipped to a 6 x 18 image there, it becomes x 1..6, y 1..7.
+    labels = np.zeros((7, 6), np.uint8)
+    labels[3:6, 2:5] = 1
+    labels[0, 5] = 2
+    collection, counts = export(tmp_path, labels, l0_per_px=2.0, l0_image_size=(6, 18), l0_origin=(3, 5))
+
+    assert check_feature_collection(collection, image_width=6, image_height=18) == []
+    by_class = {feature["properties"]["classification"]["name"]: shape(feature["geometry"]) for feature in collection["features"]}
+    assert by_class[CLASSES[0].qupath_name].bounds == (1.0, 1.0, 6.0, 7.0)
+    # The class-2 pixel covers level-0 x 10..12, which lies past the image's right edge at x 9.
+    assert CLASSES[1].qupath_name not in by_class
+    assert counts["dropped_empty_geometry"] == 1
+
+
+def test_origin_zero_matches_default(tmp_path):
+    labels = np.zeros((6, 6), np.uint8)
+    labels[1:4, 2:5] = 3
+    default, _ = export(tmp_path, labels, name="default.geojson", l0_per_px=2.0)
+    shifted, _ = export(tmp_path, labels, name="zero.geojson", l0_per_px=2.0, l0_origin=(0, 0))
+
+    assert [feature["geometry"] for feature in shifted["features"]] == [feature["geometry"] for feature in default["features"]]
+
+
 def test_invalid_label_value_leaves_no_file(tmp_path):
     labels = np.ones((10, 10), np.uint8)
     labels[8, 3] = 7
@@ -461,6 +486,8 @@ def test_invalid_label_value_leaves_no_file(tmp_path):
         pytest.param({"l0_per_px": 0.0}, "l0_per_px must be a positive number", id="l0-per-px"),
         pytest.param({"simplify_um": -1.0}, "simplify_um must be 0 or more", id="simplify"),
         pytest.param({"band_rows": 0}, "band_rows must be 1 or more", id="band-rows"),
+        pytest.param({"l0_origin": (1.5, 0)}, "l0_origin must be two whole numbers", id="fractional-origin"),
+        pytest.param({"l0_origin": (1, 2, 3)}, "l0_origin must be two whole numbers", id="origin-length"),
     ],
 )
 def test_invalid_arguments_raise(tmp_path, options, message):

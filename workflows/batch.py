@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bcseg.errors import BadInputError
-from pipeline.run import RunSettings, complete_record, read_complete_record, read_summary, remove_stale_work_dirs
+from pipeline.run import (
+    RunSettings,
+    choose_geojson_box,
+    complete_record,
+    read_complete_record,
+    read_summary,
+    remove_stale_work_dirs,
+)
 from workflows.inputs import SlideEntry
 from workflows.naming import assign_output_names
 from workflows.status import SUCCESS_STATUSES, SlideStatus, StatusTable, utc_iso
@@ -136,12 +143,13 @@ def split_complete(jobs: list[SlideJob], settings: RunSettings, force: bool) -> 
     """Split jobs into skipped rows (complete result with the same record) and jobs to run.
 
     The check hashes the checkpoint file and fingerprints each slide without loading the model,
-    so a rerun of a finished batch does not start a cluster.
+    so a rerun of a finished batch does not start a cluster. A slide with a result is also opened
+    to read its bounds offset, which decides the GeoJSON frame.
     """
     if force:
         return [], list(jobs)
     from bcseg.checkpoint import DEFAULT_MODEL_PATH, file_sha256, read_model_info
-    from pipeline.slide import slide_fingerprint
+    from pipeline.slide import open_slide, slide_fingerprint
 
     model_path = Path(settings.model_path) if settings.model_path is not None else DEFAULT_MODEL_PATH
     try:
@@ -159,9 +167,11 @@ def split_complete(jobs: list[SlideJob], settings: RunSettings, force: bool) -> 
             return None
         try:
             fingerprint = slide_fingerprint(job.slide_path)
-        except OSError:
+            with open_slide(job.slide_path, mpp=job.settings.mpp_override) as slide:
+                l0_geojson_box = choose_geojson_box(slide, job.settings.geojson_frame)
+        except (OSError, BadInputError):
             return None  # the task reports the missing or unreadable slide
-        _, key = complete_record(job.settings, tile_size_px, fingerprint, model_sha256)
+        _, key = complete_record(job.settings, tile_size_px, fingerprint, model_sha256, l0_geojson_box)
         if existing.get("key") != key:
             return None
         return SlideStatus.from_summary(

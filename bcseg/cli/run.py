@@ -9,6 +9,7 @@ from pathlib import Path
 DEVICE_CHOICES = ("auto", "cpu", "cuda")  # the same values pipeline.inference.select_device takes
 BLEND_CHOICES = ("gaussian", "cosine", "constant")  # pipeline.stitching.BLEND_MODES
 OBJECT_TYPE_CHOICES = ("annotation", "detection")  # pipeline.run.OBJECT_TYPES
+GEOJSON_FRAME_CHOICES = ("bounds", "full")  # pipeline.run.GEOJSON_FRAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,6 +55,11 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                         help="weighting of overlapping tile predictions (default: gaussian)")
     parser.add_argument("--object-type", choices=OBJECT_TYPE_CHOICES, default="annotation",
                         help="QuPath object type of the exported regions (default: annotation)")
+    parser.add_argument("--geojson-frame", choices=GEOJSON_FRAME_CHOICES, default="bounds",
+                        help="origin of the GeoJSON coordinates for a slide with a bounds offset (MRXS, Leica "
+                        "SCN): bounds puts it at the corner of the bounds, as QuPath shows such a slide by "
+                        "default; full keeps the full level-0 frame, as QuPath with --no-crop and openslide "
+                        "read_region have it. Other slides are the same either way (default: bounds)")
     parser.add_argument("--gzip", action="store_true", help="write <slide>.geojson.gz instead of .geojson")
     parser.add_argument("--simplify", type=float, default=0.0, metavar="MICRONS",
                         help="simplify polygons with this tolerance in microns (default: 0, exact pixel edges)")
@@ -135,6 +141,7 @@ def settings_from_args(args: argparse.Namespace, **overrides):
         tissue_detection=not args.no_tissue_detection,
         blend_mode=args.blend,
         object_type=args.object_type,
+        geojson_frame=args.geojson_frame,
         geojson_gzip=args.gzip,
         simplify_um=args.simplify,
         min_area_um2=args.min_area,

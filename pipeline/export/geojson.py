@@ -1,10 +1,12 @@
 """Label map to GeoJSON polygons that QuPath imports, written as a stream.
 
-Coordinates are level-0 pixels ``(x, y)``: x to the right, y down, origin at the top-left corner of
-level 0 as the slide reader reports it. For formats with a bounds offset (MRXS) that is the full
-level-0 frame, not the non-empty bounds. Model pixel ``(row, col)`` covers level-0
-``[col * s, (col + 1) * s) x [row * s, (row + 1) * s)`` with ``s = l0_per_px``, and polygons follow
-pixel edges, so they scale without a half-pixel shift.
+Coordinates are level-0 pixels ``(x, y)``: x to the right, y down, measured from an origin that
+the caller gives as a level-0 position (``l0_origin``). The origin (0, 0) is the top-left corner of
+level 0 as the slide reader reports it. For a slide with a bounds offset (MRXS, Leica SCN), the
+corner of the bounds is the origin of the image that QuPath shows by default. Model pixel
+``(row, col)`` covers level-0 ``[col * s, (col + 1) * s) x [row * s, (row + 1) * s)`` with
+``s = l0_per_px``, before the origin is subtracted. Polygons follow pixel edges, so they scale
+without a half-pixel shift.
 
 The label map is read in row bands. A region cut by a band border is joined by pixel adjacency
 (same class, vertically neighbouring pixels) and its pieces are unioned, so the output does not
@@ -64,6 +66,7 @@ def write_geojson(
     min_area_um2: float = 0.0,
     band_rows: int = 1024,
     l0_image_size: tuple[int, int] | None = None,
+    l0_origin: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """Write one Feature per connected region per class as a GeoJSON FeatureCollection.
 
@@ -85,13 +88,19 @@ def write_geojson(
             surrounding region stay holes.
         band_rows: label-map rows read at a time. Peak memory is about 20 bytes per pixel of a
             band (354 MiB measured for 1024 rows of 18,000 columns).
-        l0_image_size: optional level-0 (width, height) that polygons are clipped to, for label
-            maps whose last row or column reaches past the slide.
+        l0_image_size: optional level-0 (width, height) of the image, measured from ``l0_origin``.
+            Polygons are clipped to it, for label maps whose last row or column reaches past the
+            slide.
+        l0_origin: level-0 ``(x, y)`` subtracted from every coordinate, so that it becomes (0, 0)
+            of the output. Whole pixels, so the shift adds no rounding.
 
     Returns:
         Counts: features written per class, their area in um^2 per class, and regions left out.
     """
     _check_arguments(labels, l0_per_px, mpp, probabilities, object_type, simplify_um, min_area_um2, band_rows)
+    if len(l0_origin) != 2 or any(int(value) != value for value in l0_origin):
+        raise ValueError(f"l0_origin must be two whole numbers (x, y), got {l0_origin!r}")
+    l0_origin_xy = np.array(l0_origin, dtype=np.float64)
     simplify_l0 = simplify_um / mpp * l0_per_px
     l0_clip_box = shapely.box(0, 0, *l0_image_size) if l0_image_size is not None else None
     features_per_class = {tissue_class.name: 0 for tissue_class in CLASSES}
@@ -106,7 +115,7 @@ def write_geojson(
             if area_um2 < min_area_um2:
                 dropped_small += 1
                 continue
-            geometry = _finish_geometry(region, l0_per_px, simplify_l0, l0_clip_box)
+            geometry = _finish_geometry(region, l0_per_px, l0_origin_xy, simplify_l0, l0_clip_box)
             if geometry is None:
                 dropped_empty += 1
                 continue
@@ -300,8 +309,11 @@ def _merge(first: _Region, second: _Region) -> None:
 # Geometry and features
 
 
-def _finish_geometry(region: _Region, l0_per_px: float, simplify_l0: float, l0_clip_box) -> Polygon | MultiPolygon | None:
-    """Union a region's pieces and turn them into valid, oriented level-0 polygons on a 0.01 px grid.
+def _finish_geometry(
+    region: _Region, l0_per_px: float, l0_origin_xy: np.ndarray, simplify_l0: float, l0_clip_box
+) -> Polygon | MultiPolygon | None:
+    """Union a region's pieces and turn them into valid, oriented level-0 polygons on a 0.01 px grid,
+    measured from ``l0_origin_xy``.
 
     Returns None when nothing polygonal is left (a sliver lost to clipping or rounding).
     """
@@ -313,7 +325,8 @@ def _finish_geometry(region: _Region, l0_per_px: float, simplify_l0: float, l0_c
         # Tolerance 0 only drops the vertices that the union leaves in the middle of straight edges
         # on band borders (the traced pieces have none). On the integer pixel grid that is exact.
         geometry = shapely.simplify(shapely.union_all(region.parts), 0.0)
-    geometry = shapely.transform(geometry, lambda xy: xy * l0_per_px)
+    # The only place where model pixels become output coordinates.
+    geometry = shapely.transform(geometry, lambda xy: xy * l0_per_px - l0_origin_xy)
     if simplify_l0 > 0:
         geometry = shapely.simplify(geometry, simplify_l0, preserve_topology=True)
     if l0_clip_box is not None and not shapely.within(geometry, l0_clip_box):
