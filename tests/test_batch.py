@@ -215,6 +215,36 @@ def test_foreign_folder_is_not_reused(tmp_path):
     assert names[0].startswith("A-")
 
 
+def test_skip_check_reads_bounds_offset(tmp_path, coarse_model):
+    # A COMPLETE record of a Leica SCN slide in the default frame, measured from its bounds. No
+    # slide is processed: only the check that decides which slides to skip runs.
+    import dataclasses
+
+    from bcseg.checkpoint import file_sha256
+    from pipeline.run import RunSettings, complete_record
+    from pipeline.slide import slide_fingerprint
+    from tests.leica_scn import write_leica_scn
+    from workflows.batch import plan_jobs, split_complete
+    from workflows.inputs import SlideEntry
+
+    path = write_leica_scn(tmp_path / "offset.scn", np.full((768, 1024, 3), 242, np.uint8), (1024, 608), (4000, 3000))
+    out_dir = tmp_path / "out"
+    settings = RunSettings(out_dir=out_dir, model_path=coarse_model)
+    jobs = plan_jobs([SlideEntry(path)], settings, out_dir, None)
+    record, key = complete_record(jobs[0].settings, 64, slide_fingerprint(path), file_sha256(coarse_model), (1024, 608, 1024, 768))
+    (out_dir / "offset").mkdir(parents=True)
+    (out_dir / "offset" / COMPLETE_NAME).write_text(json.dumps({**record, "key": key}))
+
+    skipped, pending = split_complete(jobs, settings, force=False)
+    assert [row.output for row in skipped] == ["offset"]
+    assert pending == []
+
+    full_jobs = [dataclasses.replace(job, settings=dataclasses.replace(job.settings, geojson_frame="full")) for job in jobs]
+    skipped, pending = split_complete(full_jobs, settings, force=False)
+    assert skipped == []
+    assert pending == full_jobs
+
+
 def test_list_with_escapes_stays_in_out_dir(tmp_path, shared_data, coarse_model):
     # Two list entries with the same file name, one reached through "..": distinct folders in out.
     slides = tmp_path / "slides"

@@ -195,15 +195,22 @@ def test_odd_sizes_keep_slide_frame(tmp_path, capsys, width, height):
 
 
 @pytest.mark.slow
-def test_bounds_offset_keeps_full_frame(tmp_path, capsys):
+def test_bounds_offset_geojson_frames(tmp_path, capsys):
     # A Leica SCN slide of 4000 x 3000 level-0 pixels whose scanned region, 1024 x 768, starts at
     # (1024, 608). Tissue fills level-0 x 1344-1728, y 800-1056, on edges of the 8-micron
     # (16-pixel) tissue-mask grid so that the mask has no partly covered pixels.
+    from shapely import unary_union
+    from shapely.geometry import shape
+
     l0_tissue = (1344, 800, 1728, 1056)
     scanned = np.full((768, 1024, 3), 242, dtype=np.uint8)
     scanned[800 - 608 : 1056 - 608, 1344 - 1024 : 1728 - 1024] = tissue_patch(256, 384)
     path = write_leica_scn(tmp_path / "offset.scn", scanned, (1024, 608), (4000, 3000))
 
+    def covered_by_features(collection):
+        return unary_union([shape(feature["geometry"]) for feature in collection["features"]])
+
+    # Default frame: measured from the bounds' corner and within the bounds, as QuPath shows the slide.
     exit_code, _, err = run_cli(capsys, path, tmp_path / "out", *SMALL_TILES)
 
     assert exit_code == 0, err
@@ -212,16 +219,33 @@ def test_bounds_offset_keeps_full_frame(tmp_path, capsys):
     assert summary["slide"]["dimensions_px"] == [4000, 3000]
     assert summary["slide"]["l0_bounds"] == [1024, 608, 1024, 768]
     assert summary["label_map"]["l0_per_px"] == 1.0
-
-    # GeoJSON: the regions of all classes together cover the tissue, in the full level-0 frame.
-    from shapely import unary_union
-    from shapely.geometry import shape
-
+    assert summary["settings"]["geojson_frame"] == "bounds"
+    assert summary["geojson"]["frame"] == "bounds"
+    assert summary["geojson"]["l0_origin"] == [1024, 608]
+    complete = json.loads((output_dir / COMPLETE_NAME).read_text())
+    assert complete["settings"]["geojson_l0_box"] == [1024, 608, 1024, 768]
     collection = json.loads((output_dir / "offset.geojson").read_text())
-    assert check_feature_collection(collection, image_width=4000, image_height=3000) == []
-    covered = unary_union([shape(feature["geometry"]) for feature in collection["features"]])
-    assert covered.bounds == pytest.approx(l0_tissue, abs=2)
+    assert check_feature_collection(collection, image_width=1024, image_height=768) == []
+    covered = covered_by_features(collection)
+    l0_tissue_in_bounds = (1344 - 1024, 800 - 608, 1728 - 1024, 1056 - 608)
+    assert covered.bounds == pytest.approx(l0_tissue_in_bounds, abs=2)
     assert covered.area == pytest.approx(384 * 256, rel=0.02)
+
+    # Full frame: the same regions, measured from the corner of level 0.
+    exit_code, _, err = run_cli(capsys, path, tmp_path / "full", *SMALL_TILES, "--geojson-frame", "full")
+
+    assert exit_code == 0, err
+    full_dir = tmp_path / "full" / "offset"
+    full_summary = read_summary(full_dir)
+    assert full_summary["geojson"]["frame"] == "full"
+    assert full_summary["geojson"]["l0_origin"] == [0, 0]
+    assert "geojson_l0_box" not in json.loads((full_dir / COMPLETE_NAME).read_text())["settings"]
+    full_collection = json.loads((full_dir / "offset.geojson").read_text())
+    assert check_feature_collection(full_collection, image_width=4000, image_height=3000) == []
+    full_covered = covered_by_features(full_collection)
+    assert full_covered.bounds == pytest.approx(l0_tissue, abs=2)
+    assert full_covered.area == pytest.approx(covered.area)
+    assert full_summary["classes"] == summary["classes"]
 
     # Label image and tissue mask: tissue only at that place; the rest of the slide, inside the
     # bounds or outside them (transparent in OpenSlide), is background.
@@ -250,6 +274,33 @@ def test_bounds_offset_keeps_full_frame(tmp_path, capsys):
     # Tiles: only those that touch tissue. Stride 112 puts 5 tile columns and 3 tile rows over it.
     assert summary["tiles"]["total"] == 36 * 27
     assert 15 <= summary["tiles"]["with_tissue"] <= 6 * 4
+
+
+def test_geojson_frame_ignored_without_bounds(tmp_path, capsys):
+    pixels = np.full((96, 128, 3), 242, dtype=np.uint8)
+    pixels[24:72, 32:96] = tissue_patch(48, 64)
+    path = write_tiff(tmp_path / "plain.tif", pixels)
+
+    exit_code, _, err = run_cli(capsys, path, tmp_path / "bounds", "--no-tissue-detection", *SMALL_TILES)
+    assert exit_code == 0, err
+    exit_code, _, err = run_cli(capsys, path, tmp_path / "full", "--no-tissue-detection", *SMALL_TILES, "--geojson-frame", "full")
+    assert exit_code == 0, err
+
+    # The same polygons in both frames; only the random feature ids differ.
+    def geometries(out_dir):
+        collection = json.loads((out_dir / "plain" / "plain.geojson").read_text())
+        return [(feature["properties"]["classification"]["name"], feature["geometry"]) for feature in collection["features"]]
+
+    assert geometries(tmp_path / "bounds") != []
+    assert geometries(tmp_path / "full") == geometries(tmp_path / "bounds")
+    assert read_summary(tmp_path / "bounds" / "plain")["geojson"]["l0_origin"] == [0, 0]
+
+    # Equal record keys: a result in either frame is reused for the other, and so is one written
+    # before the frame could be chosen.
+    def record_key(out_dir):
+        return json.loads((out_dir / "plain" / COMPLETE_NAME).read_text())["key"]
+
+    assert record_key(tmp_path / "full") == record_key(tmp_path / "bounds")
 
 
 # Pixel formats and content.

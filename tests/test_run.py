@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from bcseg import __version__
 from bcseg.cli import main
-from pipeline.run import COMPLETE_NAME, RunSettings, run_slide, slide_output_name
+from pipeline.run import COMPLETE_NAME, RunSettings, complete_record, run_slide, slide_output_name
 from tests.qupath_rules import check_feature_collection
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,24 @@ def test_a0d2_tumour_polygons_match_real_mask(shared_data, tmp_path):
 # polygons land where the tumour is (a shift or a wrong scale drops it far below), not how well
 # the model generalises.
 MIN_A0D2_TUMOUR_DICE = 0.75
+
+
+def test_record_key_without_bounds_unchanged():
+    # The settings of a COMPLETE record as written before the GeoJSON frame could be chosen.
+    earlier_settings = {
+        "mpp_override": None, "tile_size_px": 512, "overlap_px": 64, "tissue_detection": True,
+        "blend_mode": "gaussian", "object_type": "annotation", "geojson_gzip": False, "simplify_um": 0.0,
+        "min_area_um2": 0.0, "keep_tiles": False, "fill_bad_tiles": False,
+    }
+    earlier = {"settings": earlier_settings, "slide_fingerprint": "f", "model_sha256": "m", "package_version": __version__}
+    earlier_key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
+
+    for frame in ("bounds", "full"):
+        record, key = complete_record(RunSettings(geojson_frame=frame), 512, "f", "m", None)
+        assert record == earlier
+        assert key == earlier_key
+    _, bounds_key = complete_record(RunSettings(), 512, "f", "m", (1024, 608, 1024, 768))
+    assert bounds_key != earlier_key
 
 
 def test_output_name_is_safe():
