@@ -35,9 +35,9 @@ from pipeline.export.geojson import OBJECT_TYPES
 log = logging.getLogger(__name__)
 
 COMPLETE_NAME = "COMPLETE"
-# Where GeoJSON coordinates start. "bounds": at the corner of a slide's bounds offset, where the
-# image that QuPath's OpenSlide reader shows by default starts. "full": at the corner of the full
-# level-0 image, as openslide's read_region and QuPath with --no-crop have it.
+# Choices for the origin of GeoJSON coordinates. "bounds": the top-left corner of a slide's bounds
+# offset, where QuPath's OpenSlide reader starts the image by default. "full": the top-left corner
+# of the full level-0 image, as openslide's read_region and QuPath with --no-crop have it.
 GEOJSON_FRAMES = ("bounds", "full")
 SUMMARY_NAME = "summary.json"
 OVERLAY_MAX_PX = 2048  # maximum length of the longer side of overlay.png

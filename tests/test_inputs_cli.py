@@ -295,8 +295,7 @@ def test_geojson_frame_ignored_without_bounds(tmp_path, capsys):
     assert geometries(tmp_path / "full") == geometries(tmp_path / "bounds")
     assert read_summary(tmp_path / "bounds" / "plain")["geojson"]["l0_origin"] == [0, 0]
 
-    # Equal record keys: a result in either frame is reused for the other, and so is one written
-    # before the frame could be chosen.
+    # Equal record keys, so a result in either frame is reused for the other.
     def record_key(out_dir):
         return json.loads((out_dir / "plain" / COMPLETE_NAME).read_text())["key"]
 

@@ -1,12 +1,12 @@
 """Label map to GeoJSON polygons that QuPath imports, written as a stream.
 
-Coordinates are level-0 pixels ``(x, y)``: x to the right, y down, measured from an origin that
-the caller gives as a level-0 position (``l0_origin``). The origin (0, 0) is the top-left corner of
-level 0 as the slide reader reports it. For a slide with a bounds offset (MRXS, Leica SCN), the
-corner of the bounds is the origin of the image that QuPath shows by default. Model pixel
-``(row, col)`` covers level-0 ``[col * s, (col + 1) * s) x [row * s, (row + 1) * s)`` with
-``s = l0_per_px``, before the origin is subtracted. Polygons follow pixel edges, so they scale
-without a half-pixel shift.
+Coordinates are level-0 pixels ``(x, y)``: x to the right, y down, measured from a level-0
+position that the caller gives (``l0_origin``). The default, (0, 0), is the top-left corner of
+level 0 as the slide reader reports it. For a slide with a bounds offset (MRXS, Leica SCN),
+``pipeline.run`` passes the bounds' corner by default, because QuPath shows such a slide from
+there. Model pixel ``(row, col)`` covers level-0 ``[col * s, (col + 1) * s) x [row * s,
+(row + 1) * s)`` with ``s = l0_per_px``, before the origin is subtracted. Polygons follow pixel
+edges, so they scale without a half-pixel shift.
 
 The label map is read in row bands. A region cut by a band border is joined by pixel adjacency
 (same class, vertically neighbouring pixels) and its pieces are unioned, so the output does not
