@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                                overlap_px=64, batch_size=4, workers=args.workers, overwrite=True)
 
         def run_tiatoolbox(index: int) -> None:
-            segmentor = SemanticSegmentor(model=model, batch_size=4, num_loader_workers=args.workers,
+            segmentor = SemanticSegmentor(model=model, batch_size=4, num_workers=args.workers,
                                           device="cpu", verbose=False)
             segmentor.run([slide], patch_mode=False, ioconfig=ioconfig, device="cpu",
                           save_dir=folder / f"tiatoolbox-{index}", output_type="zarr", overwrite=True)

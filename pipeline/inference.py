@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # Batches predicted but not yet blended. Two let the model run one batch ahead of blending.
 BLEND_QUEUE_BATCHES = 2
-# Batch size that "auto" picks on the CPU: the former fixed default.
+# Pixels per batch that "auto" aims at on the CPU: four 512 px tiles, so one 1024 px tile.
 # NOTE: not tuned by measurement; other batch sizes may run faster on other CPUs.
-CPU_AUTO_BATCH_SIZE = 4
+CPU_AUTO_BATCH_PIXELS = 4 * 512 * 512
 # On CUDA, "auto" fills this fraction of the free memory, measured with a probe batch, and
 # never exceeds the maximum. The fraction leaves room for cuDNN workspaces; it is an estimate.
 CUDA_MEMORY_FRACTION = 0.6
@@ -161,13 +161,13 @@ class Predictor:
 def choose_batch_size(predictor: Predictor, tile_size_px: int, requested: int | None) -> int:
     """Return ``requested``, or pick a batch size when it is None ("auto").
 
-    On the CPU "auto" is CPU_AUTO_BATCH_SIZE. On CUDA a probe batch of two tiles measures the
+    On the CPU "auto" fills CPU_AUTO_BATCH_PIXELS, at least one tile. On CUDA a probe batch of two tiles measures the
     memory one tile needs, and the batch fills CUDA_MEMORY_FRACTION of the free memory.
     """
     if requested is not None:
         return requested
     if not predictor.cuda:
-        return CPU_AUTO_BATCH_SIZE
+        return max(1, CPU_AUTO_BATCH_PIXELS // (tile_size_px * tile_size_px))
     device = predictor.device
     probe = 2
     torch.cuda.synchronize(device)

@@ -62,8 +62,8 @@ class Merger:
     then finalized as soon as its last tile has been added; without it, every chunk waits for
     ``finalize``. Pixels that no tile covered are background (label 0, probability 0), and so are
     pixels outside ``tissue``, a TissueMask sampled at each pixel's centre, where ``mpp`` is the
-    model resolution. Tiles may reach past the slide (padded edge tiles); the part outside is
-    cropped here. Sums from tiles added in the same order are bit for bit those of a plain float32
+    model resolution. Tiles may reach past any edge of the slide (padded edge tiles); the part
+    outside is cropped here. Sums from tiles added in the same order are bit for bit those of a plain float32
     array of the whole slide.
     """
 
@@ -163,14 +163,15 @@ class Merger:
     def _chunks_under(self, m_x: int, m_y: int) -> list[tuple[int, int]]:
         """Chunks (row, col) that the tile at (m_x, m_y) covers inside the slide."""
         tile_rows, tile_cols = self.weights.shape
+        m_row0, m_col0 = max(m_y, 0), max(m_x, 0)
         m_row1, m_col1 = min(m_y + tile_rows, self.m_height), min(m_x + tile_cols, self.m_width)
-        if m_row1 <= m_y or m_col1 <= m_x:
+        if m_row1 <= m_row0 or m_col1 <= m_col0:
             return []
         chunk = self.chunk_px
         return [
             (chunk_row, chunk_col)
-            for chunk_row in range(m_y // chunk, (m_row1 - 1) // chunk + 1)
-            for chunk_col in range(m_x // chunk, (m_col1 - 1) // chunk + 1)
+            for chunk_row in range(m_row0 // chunk, (m_row1 - 1) // chunk + 1)
+            for chunk_col in range(m_col0 // chunk, (m_col1 - 1) // chunk + 1)
         ]
 
     def _chunk_shape(self, key: tuple[int, int]) -> tuple[int, int]:

@@ -1,8 +1,11 @@
 """The tiler: an overlapping grid at model resolution, and tissue tiles decoded ahead of the model.
 
 A tile is ``tile_size_px`` square at the model's mpp. Tiles start every ``stride_px =
-tile_size_px - overlap_px`` pixels from (0, 0). The last row and column may reach past the slide,
-where the reader returns white padding, and the stitcher crops them to the slide.
+tile_size_px - overlap_px`` pixels from (-margin_px, -margin_px), where ``margin_px`` is half the
+overlap, and the grid reaches ``margin_px`` past the right and bottom edges. So a pixel at the
+slide's edge has as much context as one on a seam between tiles, and the model sees white
+padding there rather than its own zero padding. Parts of tiles outside the slide read as white,
+and the stitcher crops them off.
 
 ``read_tiles`` decodes tiles in a pool of reader threads, a bounded number ahead of the model.
 ``TileStoreWriter`` and ``write_tiles`` keep a copy of the tiles in a zarr store.
@@ -54,17 +57,25 @@ class TileGrid:
         return self.tile_size_px - self.overlap_px
 
     @property
+    def margin_px(self) -> int:
+        """How far the grid reaches past each edge of the slide."""
+        return self.overlap_px // 2
+
+    @property
     def t_shape(self) -> tuple[int, int]:
         """Number of tile (rows, cols)."""
-        return _tile_count(self.m_height, self.tile_size_px, self.stride_px), _tile_count(
-            self.m_width, self.tile_size_px, self.stride_px
+        reach = 2 * self.margin_px
+        return _tile_count(self.m_height + reach, self.tile_size_px, self.stride_px), _tile_count(
+            self.m_width + reach, self.tile_size_px, self.stride_px
         )
 
     def m_origins(self) -> np.ndarray:
         """Return all tile origins as an (n, 2) int64 array of (m_x, m_y), in row-major order."""
         t_rows, t_cols = self.t_shape
         m_ys, m_xs = np.meshgrid(
-            np.arange(t_rows) * self.stride_px, np.arange(t_cols) * self.stride_px, indexing="ij"
+            np.arange(t_rows) * self.stride_px - self.margin_px,
+            np.arange(t_cols) * self.stride_px - self.margin_px,
+            indexing="ij",
         )
         return np.stack([m_xs.ravel(), m_ys.ravel()], axis=1).astype(np.int64)
 
@@ -90,11 +101,20 @@ def select_tissue_tiles(grid: TileGrid, tissue, mpp: float) -> np.ndarray:
 def read_tile(slide, m_x: int, m_y: int, tile_size_px: int, mpp: float) -> np.ndarray:
     """Decode the tile with its origin at (m_x, m_y), in pixels at ``mpp``; returns RGB uint8.
 
-    Every tile of a run is decoded here. A decoder failure becomes a BadInputError that names the
-    tile's level-0 position.
+    Every tile of a run is decoded here. The part of a tile left of or above the slide is white
+    (the reader pads the right and bottom itself). A decoder failure becomes a BadInputError that
+    names the tile's level-0 position.
     """
     try:
-        return slide.read_region_at_mpp(m_x, m_y, tile_size_px, tile_size_px, mpp)
+        if m_x >= 0 and m_y >= 0:
+            return slide.read_region_at_mpp(m_x, m_y, tile_size_px, tile_size_px, mpp)
+        skip_x, skip_y = max(0, -m_x), max(0, -m_y)
+        tile = np.full((tile_size_px, tile_size_px, 3), 255, dtype=np.uint8)
+        if skip_x < tile_size_px and skip_y < tile_size_px:
+            tile[skip_y:, skip_x:] = slide.read_region_at_mpp(
+                m_x + skip_x, m_y + skip_y, tile_size_px - skip_x, tile_size_px - skip_y, mpp
+            )
+        return tile
     except (BadInputError, MemoryError):
         raise
     except Exception as error:  # decoder errors differ per backend and codec

@@ -74,7 +74,7 @@ def test_overlapped_equals_sequential(max_open_bytes, tmp_path):
     pixels = image(101, 140)
     grid = TileGrid(140, 101, 40, 12)
     tissue = TissueMask(np.zeros((26, 35), dtype=bool), mpp=4.0)
-    tissue.mask[3:20, 5:30] = True
+    tissue.mask[5:15, 8:20] = True
     m_origins = select_tissue_tiles(grid, tissue, 1.0)
 
     expected = sequential_maps(pixels, grid, m_origins, tmp_path, tissue)

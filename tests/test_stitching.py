@@ -101,15 +101,22 @@ def test_no_seam_at_tile_borders(tmp_path):
     assert np.abs(probabilities - expected).max() < 2e-3
 
 
-def test_tiles_cover_slide_and_reach_past_it():
+def test_tiles_reach_half_the_overlap_past_every_edge():
     grid = TileGrid(m_width=100, m_height=50, tile_size_px=32, overlap_px=8)
 
     origins = grid.m_origins()
 
-    assert grid.t_shape == (2, 4)
-    assert origins[:, 0].max() + 32 >= 100
-    assert origins[:, 1].max() + 32 >= 50
-    assert list(np.unique(origins[:, 0])) == [0, 24, 48, 72]
+    assert grid.t_shape == (3, 5)
+    assert list(np.unique(origins[:, 0])) == [-4, 20, 44, 68, 92]
+    assert list(np.unique(origins[:, 1])) == [-4, 20, 44]
+    assert origins[:, 0].max() + 32 >= 100 + 4
+    assert origins[:, 1].max() + 32 >= 50 + 4
+
+
+def test_tiles_without_overlap_start_at_the_corner():
+    grid = TileGrid(m_width=100, m_height=50, tile_size_px=32, overlap_px=0)
+
+    assert list(np.unique(grid.m_origins()[:, 0])) == [0, 32, 64, 96]
 
 
 def test_padded_edge_tile_is_white(tmp_path):
@@ -120,9 +127,10 @@ def test_padded_edge_tile_is_white(tmp_path):
     store = write_tiles(slide, grid, grid.m_origins(), 1.0, tmp_path / "tiles.zarr", workers=1)
 
     tile = TileStore(store.path).read(0, 1)[0]
-    assert (tile[:20, :27] == 0).all()
-    assert (tile[20:, :] == 255).all()
-    assert (tile[:, 27:] == 255).all()
+    assert (tile[4:24, 4:31] == 0).all()
+    inside = np.zeros(tile.shape[:2], dtype=bool)
+    inside[4:24, 4:31] = True
+    assert (tile[~inside] == 255).all()
 
 
 def test_tile_store_records_geometry(tmp_path):

@@ -157,7 +157,7 @@ def split_complete(jobs: list[SlideJob], settings: RunSettings, force: bool) -> 
         model_sha256 = file_sha256(model_path)
     except OSError as error:
         raise BadInputError(f"{model_path}: the model checkpoint cannot be read ({error}); pass another --model") from error
-    tile_size_px = settings.tile_size_px or info.tile_size_px
+    tile_size_px, _ = settings.tiling_for(info)
 
     def check(job: SlideJob) -> SlideStatus | None:
         started = time.time()
@@ -171,7 +171,7 @@ def split_complete(jobs: list[SlideJob], settings: RunSettings, force: bool) -> 
                 l0_geojson_box = choose_geojson_box(slide, job.settings.geojson_frame)
         except (OSError, BadInputError):
             return None  # the task reports the missing or unreadable slide
-        _, key = complete_record(job.settings, tile_size_px, fingerprint, model_sha256, l0_geojson_box)
+        _, key = complete_record(job.settings.resolved(info), tile_size_px, fingerprint, model_sha256, l0_geojson_box)
         if existing.get("key") != key:
             return None
         return SlideStatus.from_summary(

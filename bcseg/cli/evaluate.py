@@ -29,11 +29,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tissue-detection", action="store_true",
                         help="let the pipeline path skip tiles it finds no tissue in (default: every tile, as the "
                              "annotated regions are scored in full)")
-    parser.add_argument("--tile-size", type=int, metavar="PIXELS", help="pipeline tile size (default: the model's)")
-    parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS", help="pipeline tile overlap (default 64)")
+    parser.add_argument("--tile-size", type=int, metavar="PIXELS", help="pipeline tile size (default: as `bcseg-wsi run`, twice the model's training tile)")
+    parser.add_argument("--overlap", type=int, default=None, metavar="PIXELS",
+                        help="pipeline tile overlap (default: as `bcseg-wsi run`, a quarter of the tile size)")
     parser.add_argument("--blend", choices=("gaussian", "cosine", "constant"), default="gaussian",
                         help="pipeline blending of overlapping tiles (default gaussian)")
-    parser.add_argument("--batch-size", type=int, default=4, help="tiles per batch in the pipeline path (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="tiles per batch in the pipeline path (default: as `bcseg-wsi run`, auto)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     return parser

@@ -37,11 +37,11 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                         help="slide resolution in microns per pixel; overrides the slide's metadata and is "
                         "required for images without it (PNG, JPEG)")
     parser.add_argument("--tile-size", type=int, default=None, metavar="PIXELS",
-                        help="tile size at the model's resolution (default: the model's own)")
-    parser.add_argument("--overlap", type=int, default=64, metavar="PIXELS",
-                        help="overlap between neighbouring tiles at the model's resolution (default: 64)")
+                        help="tile size at the model's resolution (default: twice the model's training tile)")
+    parser.add_argument("--overlap", type=int, default=None, metavar="PIXELS",
+                        help="overlap between neighbouring tiles at the model's resolution (default: a quarter of the tile size)")
     parser.add_argument("--batch-size", type=batch_size_value, default=None, metavar="N|auto",
-                        help="tiles per model batch; auto picks 4 on the CPU and fills the free GPU memory on "
+                        help="tiles per model batch; auto picks one 1024 px tile (four 512 px) on the CPU and fills the free GPU memory on "
                         "CUDA (default: auto)")
     parser.add_argument("--workers", type=int, default=4, metavar="N",
                         help="threads decoding tiles ahead of the model (default: 4)")

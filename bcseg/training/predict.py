@@ -28,12 +28,14 @@ def predict_labels(
     std: tuple[float, ...],
     window_px: int = 1024,
     margin_px: int = 32,
+    padding: str = "symmetric",
 ) -> np.ndarray:
     """Return the argmax channel per pixel (uint8, (rows, cols)) of an RGB region at model resolution.
 
     The region is cut into windows of ``window_px`` that overlap by ``2 * margin_px``, and each
     window keeps only its centre. So every output pixel has at least ``margin_px`` of context;
-    at the region's own edges that context is the mirrored image. The model must be in eval mode.
+    at the region's own edges that context is the mirrored image, or white with ``padding=
+    "white"``, as the slide reader gives past a slide's edges. The model must be in eval mode.
     """
     m_rows, m_cols = rgb.shape[:2]
     step = window_px - 2 * margin_px
@@ -43,7 +45,13 @@ def predict_labels(
     # Mirror-pad so every window is full size and each output pixel has margin_px of context.
     pad_bottom = margin_px + (-m_rows) % step
     pad_right = margin_px + (-m_cols) % step
-    padded = np.pad(rgb, ((margin_px, pad_bottom), (margin_px, pad_right), (0, 0)), mode="symmetric")
+    pad_width = ((margin_px, pad_bottom), (margin_px, pad_right), (0, 0))
+    if padding == "white":
+        padded = np.pad(rgb, pad_width, constant_values=255)
+    elif padding == "symmetric":
+        padded = np.pad(rgb, pad_width, mode="symmetric")
+    else:
+        raise ValueError(f"padding must be 'symmetric' or 'white', got {padding!r}")
 
     device = next(model.parameters()).device
     labels = np.zeros((m_rows, m_cols), dtype=np.uint8)
