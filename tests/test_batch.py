@@ -220,7 +220,7 @@ def test_skip_check_reads_bounds_offset(tmp_path, coarse_model):
     # slide is processed: only the check that decides which slides to skip runs.
     import dataclasses
 
-    from bcseg.checkpoint import file_sha256
+    from bcseg.checkpoint import file_sha256, read_model_info
     from pipeline.run import RunSettings, complete_record
     from pipeline.slide import slide_fingerprint
     from tests.leica_scn import write_leica_scn
@@ -231,7 +231,9 @@ def test_skip_check_reads_bounds_offset(tmp_path, coarse_model):
     out_dir = tmp_path / "out"
     settings = RunSettings(out_dir=out_dir, model_path=coarse_model)
     jobs = plan_jobs([SlideEntry(path)], settings, out_dir, None)
-    record, key = complete_record(jobs[0].settings, 64, slide_fingerprint(path), file_sha256(coarse_model), (1024, 608, 1024, 768))
+    resolved = jobs[0].settings.resolved(read_model_info(coarse_model)[0])
+    record, key = complete_record(resolved, resolved.tile_size_px, slide_fingerprint(path), file_sha256(coarse_model),
+                                  (1024, 608, 1024, 768))
     (out_dir / "offset").mkdir(parents=True)
     (out_dir / "offset" / COMPLETE_NAME).write_text(json.dumps({**record, "key": key}))
 

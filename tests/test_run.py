@@ -133,10 +133,10 @@ def test_record_key_without_bounds_unchanged():
     earlier_key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()
 
     for frame in ("bounds", "full"):
-        record, key = complete_record(RunSettings(geojson_frame=frame), 512, "f", "m", None)
+        record, key = complete_record(RunSettings(tile_size_px=512, overlap_px=64, geojson_frame=frame), 512, "f", "m", None)
         assert record == earlier
         assert key == earlier_key
-    _, bounds_key = complete_record(RunSettings(), 512, "f", "m", (1024, 608, 1024, 768))
+    _, bounds_key = complete_record(RunSettings(tile_size_px=512, overlap_px=64), 512, "f", "m", (1024, 608, 1024, 768))
     assert bounds_key != earlier_key
 
 
