@@ -94,7 +94,7 @@ from pipeline.run import RunSettings, run_slide
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 clock = time.perf_counter()
 result = run_slide(Path({str(slide)!r}), RunSettings(out_dir=Path({str(out_dir)!r}), model_path=Path({str(checkpoint)!r}),
-                   device="cpu", overlap_px=16, batch_size=4, workers={workers}, threads={threads}))
+                   device="cpu", tile_size_px=128, overlap_px=16, batch_size=4, workers={workers}, threads={threads}))
 print(json.dumps({{"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - clock, "tiles": result.summary["tiles"],
                   "status": result.status}}))
