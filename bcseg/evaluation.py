@@ -1,8 +1,8 @@
 """Scores of a checkpoint on labelled regions, through two paths that must agree.
 
-The region path runs the model over each whole region held in memory: windows four training
-tiles wide (twice the pipeline's default tile), each keeping its centre, so every pixel has at
-least half a training tile of context; halving that context changes about 0.4 % of the labels
+The region path runs the model over each whole region held in memory: windows four times the
+checkpoint's tile size wide (twice the pipeline's default tile), each keeping its centre, so every
+pixel has at least half a checkpoint tile of context; halving that context changes about 0.4 % of the labels
 of the bundled model on a BCSS region. The pipeline path runs the whole-slide pipeline on the
 same image file: tiles at the model's resolution, overlap, blending and the label map. Both
 paths read the same pixels (the slide reader's resampling) and see white past the region's
@@ -38,7 +38,7 @@ PATHS = ("region", "pipeline")
 # The pipeline labels pixels outside detected tissue as background. In class mode this is an
 # extra prediction column: such pixels count as errors. In tumour-versus-rest mode they are rest.
 NOT_TISSUE = NUM_CLASSES
-# Side of the region path's windows, in training tiles.
+# Side of the region path's windows, in the checkpoint's tile sizes.
 REGION_WINDOW_TILES = 4
 
 

@@ -57,7 +57,7 @@ class RunSettings:
     model_path: Path | None = None  # None: the bundled default model
     device: str = "auto"
     mpp_override: float | None = None  # slide resolution when its metadata lacks it or is wrong
-    tile_size_px: int | None = None  # None: twice the model's training tile (see tiling_for)
+    tile_size_px: int | None = None  # None: twice the checkpoint's tile size (see tiling_for)
     overlap_px: int | None = None  # None: a quarter of the tile size
     batch_size: int | None = None  # None: chosen for the device (pipeline.inference.choose_batch_size)
     workers: int = 4
@@ -79,8 +79,8 @@ class RunSettings:
     def tiling_for(self, info) -> tuple[int, int]:
         """Return (tile size, overlap) in pixels at model resolution for a model's ``ModelInfo``.
 
-        By default tiles are twice the tile the model was trained on, overlapping by a quarter
-        of their size. The model has a receptive field of several hundred pixels, so its
+        By default tiles are twice the tile size the checkpoint records (the size the model was
+        validated at), overlapping by a quarter of their size. The model has a receptive field of several hundred pixels, so its
         prediction at a pixel changes with the context around it; with these defaults every
         pixel has at least an eighth of a tile of real context (or white beyond the slide's
         edge), and the label map agrees with inference over a whole region in one piece on

@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tissue-detection", action="store_true",
                         help="let the pipeline path skip tiles it finds no tissue in (default: every tile, as the "
                              "annotated regions are scored in full)")
-    parser.add_argument("--tile-size", type=int, metavar="PIXELS", help="pipeline tile size (default: as `bcseg-wsi run`, twice the model's training tile)")
+    parser.add_argument("--tile-size", type=int, metavar="PIXELS", help="pipeline tile size (default: as `bcseg-wsi run`, twice the checkpoint's tile size)")
     parser.add_argument("--overlap", type=int, default=None, metavar="PIXELS",
                         help="pipeline tile overlap (default: as `bcseg-wsi run`, a quarter of the tile size)")
     parser.add_argument("--blend", choices=("gaussian", "cosine", "constant"), default="gaussian",

@@ -37,7 +37,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                         help="slide resolution in microns per pixel; overrides the slide's metadata and is "
                         "required for images without it (PNG, JPEG)")
     parser.add_argument("--tile-size", type=int, default=None, metavar="PIXELS",
-                        help="tile size at the model's resolution (default: twice the model's training tile)")
+                        help="tile size at the model's resolution (default: twice the tile size the model's checkpoint records)")
     parser.add_argument("--overlap", type=int, default=None, metavar="PIXELS",
                         help="overlap between neighbouring tiles at the model's resolution (default: a quarter of the tile size)")
     parser.add_argument("--batch-size", type=batch_size_value, default=None, metavar="N|auto",

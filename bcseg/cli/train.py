@@ -56,7 +56,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="patches per epoch (default: labelled training area divided by the patch area)")
     recipe.add_argument("--tile-size", type=int, default=256, metavar="PX", help="training patch side at model resolution (default 256)")
     recipe.add_argument("--inference-tile-size", type=int, default=512, metavar="PX",
-                        help="tile side recorded in the checkpoint for inference (default 512)")
+                        help="tile size recorded in the checkpoint; validation windows and the pipeline's default "
+                        "tiles are twice this (default 512)")
     recipe.add_argument("--batch-size", type=int, default=4, help="patches per process per micro-batch (default 4)")
     recipe.add_argument("--accumulation-steps", type=int, default=1, metavar="N",
                         help="micro-batches whose gradients are summed per optimizer step (default 1)")

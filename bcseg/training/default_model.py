@@ -138,7 +138,7 @@ def render_markdown(card: dict) -> str:
         "|---|---|",
         f"| file | `{card['file']}`, {card['size_bytes'] / 1e6:.1f} MB, {card['weights_encoding']} |",
         f"| sha256 | `{card['sha256']}` |",
-        f"| resolution | {card['mpp']} um/px; inference tiles of {card['tile_size_px']} px |",
+        f"| resolution | {card['mpp']} um/px; checkpoint tile size {card['tile_size_px']} px (the pipeline's default tiles are twice that) |",
         f"| classes | {', '.join(card['classes'])} |",
         f"| initialisation | {card['initialization']} |",
         f"| steps of the last run | {card['steps']} ({card['seconds_per_step']} s per step including validation, "

@@ -54,7 +54,7 @@ class TrainConfig:
     out_dir: Path
     mpp: float = 0.5  # model resolution, microns per pixel
     tile_size: int = 256  # training patch side at model resolution, px
-    inference_tile_size: int = 512  # stored in the checkpoint as the tile size inference should use
+    inference_tile_size: int = 512  # stored in the checkpoint; the pipeline's default tiles are twice this
     epochs: int = 40
     patches_per_epoch: int | None = None  # default: labelled training area / patch area
     batch_size: int = 4  # patches per process and micro-batch
