@@ -162,8 +162,10 @@ def _evaluate_region(image_path, mask_path, settings, loaded, groups, lookup, st
     model_rgb = _read_at_model_resolution(image_path, source_mpp, info.mpp)
     if stain is not None:
         model_rgb = stain.apply(model_rgb)
-    m_labels = predict_labels(loaded.model, model_rgb, info.mean, info.std, window_px=REGION_WINDOW_TILES * info.tile_size_px,
-                              margin_px=info.tile_size_px // 2, padding="white")
+    margin = info.tile_size_px // 2
+    # A region smaller than one window runs in one window just large enough for it and its margin.
+    window = min(REGION_WINDOW_TILES * info.tile_size_px, max(model_rgb.shape[:2]) + 2 * margin)
+    m_labels = predict_labels(loaded.model, model_rgb, info.mean, info.std, window_px=window, margin_px=margin, padding="white")
     predictions["region"] = _to_mask_size(m_labels, mask.shape, info.mpp / source_mpp)
     region.seconds["region"] = round(time.monotonic() - started, 2)
 

@@ -31,7 +31,8 @@ def read_geojson(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def sample_result(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("sample")
-    return run_slide(SAMPLE_SLIDE, RunSettings(out_dir=out_dir, workers=2))
+    # 512 px tiles keep this run short; the default tiling is exercised by the evaluation tests.
+    return run_slide(SAMPLE_SLIDE, RunSettings(out_dir=out_dir, tile_size_px=512, overlap_px=64, workers=2))
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_sample_summary_areas_match_label_image(sample_result):
 
 @pytest.mark.slow
 def test_rerun_with_same_settings_is_skipped(sample_result):
-    settings = RunSettings(out_dir=sample_result.output_dir.parent, workers=2)
+    settings = RunSettings(out_dir=sample_result.output_dir.parent, tile_size_px=512, overlap_px=64, workers=2)
     complete_before = (sample_result.output_dir / COMPLETE_NAME).read_text()
 
     again = run_slide(SAMPLE_SLIDE, settings)
