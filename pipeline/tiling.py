@@ -58,7 +58,7 @@ class TileGrid:
 
     @property
     def margin_px(self) -> int:
-        """How far the grid reaches past each edge of the slide."""
+        """Distance in pixels that the grid reaches past each edge of the slide: half the overlap."""
         return self.overlap_px // 2
 
     @property
