@@ -2,8 +2,8 @@
 
 The region path runs the model over each whole region held in memory: windows four times the
 checkpoint's tile size wide (twice the pipeline's default tile), each keeping its centre, so every
-pixel has at least half a checkpoint tile of context; halving that context changes about 0.4 % of the labels
-of the bundled model on a BCSS region. The pipeline path runs the whole-slide pipeline on the
+pixel has at least half a checkpoint tile of context. Halving that context changes about 0.4 %
+of the bundled model's labels on a BCSS region. The pipeline path runs the whole-slide pipeline on the
 same image file: tiles at the model's resolution, overlap, blending and the label map. Both
 paths read the same pixels (the slide reader's resampling) and see white past the region's
 edges, as the pipeline does past a slide's edges, so their agreement measures what tiling and

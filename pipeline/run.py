@@ -80,11 +80,12 @@ class RunSettings:
         """Return (tile size, overlap) in pixels at model resolution for a model's ``ModelInfo``.
 
         By default tiles are twice the tile size the checkpoint records (the size the model was
-        validated at), overlapping by a quarter of their size. The model has a receptive field of several hundred pixels, so its
-        prediction at a pixel changes with the context around it; with these defaults every
-        pixel has at least an eighth of a tile of real context (or white beyond the slide's
-        edge), and the label map agrees with inference over a whole region in one piece on
-        more than 99 % of pixels (measured on BCSS regions with ``bcseg-wsi evaluate``).
+        validated at), overlapping by a quarter of their size. The model's receptive field spans
+        several hundred pixels, so its prediction at a pixel changes with the context around it.
+        With these defaults every pixel has at least an eighth of a tile of context, real or the
+        white past the slide's edge. The bundled model's labels then agree with whole-region
+        inference on 99.36 % and 99.08 % of the scored pixels of two BCSS regions
+        (``bcseg-wsi evaluate``).
         """
         tile_size_px = self.tile_size_px or 2 * info.tile_size_px
         overlap_px = self.overlap_px if self.overlap_px is not None else tile_size_px // 4

@@ -154,8 +154,8 @@ def test_existing_report_folder_rejected(bcss_dir, tmp_path, capsys):
 def test_labels_reach_the_mask_by_pixel_centres():
     labels = np.array([[0, 1, 2], [3, 4, 5]], dtype=np.uint8)
 
-    # Three label pixels per two mask pixels would be stretched by a plain resize; by centres,
-    # mask pixel i takes label pixel floor((i + 0.5) / 2) at scale 2.
+    # A plain resize would stretch 3 label pixels over 5 mask pixels. By centres, at scale 2,
+    # mask pixel i takes label pixel floor((i + 0.5) / 2).
     mask_sized = _to_mask_size(labels, (4, 5), 2.0)
 
     np.testing.assert_array_equal(mask_sized[0], [0, 0, 1, 1, 2])
@@ -174,8 +174,8 @@ def test_region_path_pads_white_like_the_slide_reader():
             bright = (torch.nn.functional.avg_pool2d(images[:, :1], 5, stride=1, padding=2) > -1).float()
             return torch.cat([1 - bright, bright], dim=1)
 
-    # Black normalizes to -2 and white to +2, so a black pixel next to white padding has a 5 x 5
-    # mean of -0.4 or more on the outer ring, and -2 two pixels further in or beside its mirror image.
+    # Black normalizes to -2 and white to +2. A black pixel on the outer ring, next to white
+    # padding, has a 5 x 5 mean of -0.4 or more. Two pixels further in, or beside a mirror image, it is -2.
     black = np.zeros((8, 8, 3), dtype=np.uint8)
     model = BrightNeighbourhood().eval()
     stats = ((0.5,) * 3, (0.25,) * 3)
